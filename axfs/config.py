@@ -1,0 +1,141 @@
+"""A task's parameters: the ``config`` file's flat ``key value`` lines.
+
+A write sets the keys it names and leaves the others alone; the whole write is
+checked before any of it applies, so a bad line changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from axfs.errors import BadInput
+
+MAX_STOPS = 8
+MAX_STOP_LEN = 256
+
+
+@dataclass(slots=True)
+class TaskConfig:
+    """Sampling and scheduling parameters, copied into a task when it is submitted."""
+
+    model: str = ""
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    seed: int = -1  # -1: a random seed is drawn at submission and shown here
+    stop: list[str] = field(default_factory=list)
+    priority: int = 100
+
+    def copy(self) -> TaskConfig:
+        return dataclasses.replace(self, stop=list(self.stop))
+
+    def fix_seed(self) -> None:
+        if self.seed < 0:
+            self.seed = random.randrange(2**31)
+
+    def render(self) -> str:
+        lines = [
+            f"model {self.model}",
+            f"max_tokens {self.max_tokens}",
+            f"temperature {self.temperature:g}",
+            f"top_k {self.top_k}",
+            f"top_p {self.top_p:g}",
+            f"seed {self.seed}",
+        ]
+        lines += [f"stop {escape(s)}" for s in self.stop] or ["stop"]
+        lines.append(f"priority {self.priority}")
+        return "\n".join(lines) + "\n"
+
+    def updated(self, text: str, models: set[str]) -> TaskConfig:
+        """A copy with the ``key value`` lines of ``text`` applied; BadInput if any is bad."""
+        new = self.copy()
+        stops: list[str] | None = None
+        for n, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, _, value = line.partition(" ")
+            value = value.strip()
+            where = f"config line {n} ({line[:60]!r})"
+            if key == "stop":
+                stops = [] if stops is None else stops
+                if value:
+                    stops.append(_parse_stop(value, where))
+                continue
+            if key == "model":
+                if value not in models:
+                    known = ", ".join(sorted(models)) or "none"
+                    raise BadInput(f"{where}: no model named {value!r} (models: {known})")
+                new.model = value
+                continue
+            parse = _PARSERS.get(key)
+            if parse is None:
+                raise BadInput(f"{where}: unknown key {key!r} (keys: {', '.join(KEYS)})")
+            setattr(new, key, parse(value, where))
+        if stops is not None:
+            if len(stops) > MAX_STOPS:
+                raise BadInput(f"config: at most {MAX_STOPS} stop strings")
+            new.stop = stops
+        return new
+
+
+T = TypeVar("T", int, float)
+
+
+def _number(kind: type[T], lo: T, hi: T) -> Callable[[str, str], T]:
+    def parse(value: str, where: str) -> T:
+        try:
+            v = kind(value)
+        except ValueError:
+            raise BadInput(f"{where}: {value!r} is not {'an integer' if kind is int else 'a number'}")
+        if not lo <= v <= hi:  # also rejects nan
+            raise BadInput(f"{where}: {value} is outside {lo}..{hi}")
+        return v
+
+    return parse
+
+
+_PARSERS: dict[str, Callable[[str, str], object]] = {
+    "max_tokens": _number(int, 1, 1_000_000),
+    "temperature": _number(float, 0.0, 100.0),
+    "top_k": _number(int, 0, 1_000_000),
+    "top_p": _number(float, 0.0, 1.0),
+    "seed": _number(int, -1, 2**32 - 1),
+    "priority": _number(int, 1, 10_000),
+}
+KEYS = ("model", *_PARSERS, "stop")
+
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+_UNESCAPES = {"\\": "\\", "n": "\n", "t": "\t", "r": "\r", "s": " "}
+
+
+def escape(s: str) -> str:
+    """A stop string as written in config: backslash escapes, spaces at the ends as \\s."""
+    body = "".join(_ESCAPES.get(c, c) for c in s)
+    lead = len(body) - len(body.lstrip(" "))
+    trail = len(body) - len(body.rstrip(" "))
+    if lead == len(body):
+        return "\\s" * lead
+    return "\\s" * lead + body.strip(" ") + "\\s" * trail
+
+
+def _parse_stop(value: str, where: str) -> str:
+    out: list[str] = []
+    chars = iter(value)
+    for c in chars:
+        if c == "\\":
+            nxt = next(chars, "")
+            if nxt not in _UNESCAPES:
+                raise BadInput(f"{where}: unknown escape \\{nxt} (use \\n \\t \\r \\s \\\\)")
+            out.append(_UNESCAPES[nxt])
+        else:
+            out.append(c)
+    stop = "".join(out)
+    if len(stop) > MAX_STOP_LEN:
+        raise BadInput(f"{where}: a stop string is at most {MAX_STOP_LEN} characters")
+    return stop

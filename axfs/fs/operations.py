@@ -1,0 +1,514 @@
+"""The FUSE adapter: translates file operations into kernel calls, and nothing more.
+
+Every handler goes through ``_boundary``: kernel errors become their errno, and any
+other exception is logged and answered with EIO, because an exception escaping a
+pyfuse3 handler would take the whole mount down.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from axfs import devices
+from axfs.errors import AxfsError, BadInput, Busy, Exists, NoSpace, NotFound, TooLarge
+from axfs.fs import views
+from axfs.kernel import Kernel
+from axfs.task import State, Task
+
+log = logging.getLogger(__name__)
+
+ERRNO: dict[type[AxfsError], int] = {
+    BadInput: errno.EINVAL,
+    NotFound: errno.ENOENT,
+    Busy: errno.EBUSY,
+    Exists: errno.EEXIST,
+    TooLarge: errno.EFBIG,
+    NoSpace: errno.ENOSPC,
+}
+TASK_FILES = ("prompt", "stream", "status", "config", "ctl", "error")
+WRITABLE = frozenset({"prompt", "config", "ctl"})
+POLL_SECONDS = 0.2  # a blocked reader checks its signals this often
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except AxfsError as e:
+            log.info("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(ERRNO.get(type(e), errno.EINVAL)) from e
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A place in the tree: ``kind`` plus the model or task name and file it names."""
+
+    kind: str
+    name: str = ""
+    file: str = ""
+
+
+ROOT = Node("root")
+TASKS = Node("tasks")
+MODELS = Node("models")
+ROOT_FILES = {"README": Node("readme"), "memory": Node("memory"), "trace": Node("trace"),
+              "devices": Node("devices")}
+ROOT_DIRS = {"models": MODELS, "tasks": TASKS}
+
+
+@dataclass(slots=True)
+class Handle:
+    node: Node
+    task: Task | None
+    pid: int
+    uid: int
+    gid: int
+    data: bytes = b""  # snapshot of a read-only file, taken at open
+    pending: bytearray = field(default_factory=bytearray)  # prompt bytes not yet submitted
+    submitted: Task | None = None  # what a write to tasks/new created
+    skew: int = 0  # trace: absolute offset minus file offset (lines dropped meanwhile)
+
+
+def signal_pending(pid: int) -> bool:
+    """Whether thread ``pid`` has a deliverable signal pending (or is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return True
+    try:
+        pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+        return bool(pending & ~int(fields["SigBlk"], 16))
+    except (KeyError, ValueError):
+        return False
+
+
+class Operations(pyfuse3.Operations):
+    def __init__(self, kernel: Kernel) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self._inodes: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
+        self._handles: dict[int, Handle] = {}
+        self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
+        self._dir_uid: dict[int, int] = {}
+        self._next_fh = 1
+        self.started = time.time_ns()
+
+    # -- inodes and nodes ----------------------------------------------------------
+
+    def _ino(self, node: Node) -> int:
+        ino = self._inodes.get(node)
+        if ino is None:
+            ino = len(self._nodes) + 1
+            self._inodes[node] = ino
+            self._nodes[ino] = node
+        return ino
+
+    def _node(self, ino: int) -> Node:
+        node = self._nodes.get(ino)
+        if node is None or not self._exists(node):
+            raise _fail(errno.ENOENT)
+        return node
+
+    def _exists(self, node: Node) -> bool:
+        if node.kind in ("task", "task_file"):
+            return node.name in self.kernel.tasks
+        if node.kind in ("model", "model_info"):
+            return node.name in self.kernel.models
+        return True
+
+    def _task(self, node: Node) -> Task:
+        return self.kernel.get(node.name)
+
+    def _child(self, parent: Node, name: str, uid: int) -> Node:
+        if parent is ROOT:
+            node = ROOT_FILES.get(name) or ROOT_DIRS.get(name)
+        elif parent is TASKS:
+            if name == "new":
+                node = Node("new")
+            elif name == "latest":
+                node = Node("latest") if self.kernel.latest(uid) else None
+            else:
+                node = Node("task", name) if name in self.kernel.tasks else None
+        elif parent is MODELS:
+            node = Node("model", name) if name in self.kernel.models else None
+        elif parent.kind == "task":
+            node = Node("task_file", parent.name, name) if name in TASK_FILES else None
+        elif parent.kind == "model":
+            node = Node("model_info", parent.name) if name == "info" else None
+        else:
+            raise _fail(errno.ENOTDIR)
+        if node is None:
+            raise _fail(errno.ENOENT)
+        return node
+
+    def _children(self, node: Node, uid: int) -> list[tuple[str, Node]]:
+        if node is ROOT:
+            return [(n, c) for n, c in {**ROOT_FILES, **ROOT_DIRS}.items()]
+        if node is MODELS:
+            return [(m, Node("model", m)) for m in sorted(self.kernel.models)]
+        if node is TASKS:
+            found = [("new", Node("new"))]
+            if self.kernel.latest(uid):
+                found.append(("latest", Node("latest")))
+            ids = sorted(self.kernel.tasks, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))
+            return found + [(i, Node("task", i)) for i in ids]
+        if node.kind == "task":
+            return [(f, Node("task_file", node.name, f)) for f in TASK_FILES]
+        if node.kind == "model":
+            return [("info", Node("model_info", node.name))]
+        raise _fail(errno.ENOTDIR)
+
+    # -- attributes ----------------------------------------------------------------
+
+    def _attrs(self, node: Node, uid: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self._ino(node)
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        a.st_uid, a.st_gid = 0, 0
+        a.st_blksize = 4096
+        mtime = self.started
+        if node.kind in ("root", "tasks", "models", "task", "model"):
+            mode, size = stat.S_IFDIR | 0o755, 0
+            a.st_nlink = 2
+        elif node.kind == "latest":
+            latest = self.kernel.latest(uid)
+            mode, size = stat.S_IFLNK | 0o777, len(latest.id) if latest else 0
+            a.st_nlink = 1
+        else:
+            mode, size = stat.S_IFREG | self._file_mode(node), len(self._content(node, uid))
+            a.st_nlink = 1
+        if node.kind in ("task", "task_file"):
+            task = self._task(node)
+            a.st_uid, a.st_gid = task.uid, task.gid
+            mtime = int(task.updated_at * 1e9)
+        elif node.kind in ("memory", "trace", "devices"):
+            mtime = time.time_ns()
+        if node is TASKS:
+            mode = stat.S_IFDIR | 0o1777  # anyone may mkdir a task; sticky, like /tmp
+        a.st_mode = mode
+        a.st_size = size
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
+        return a
+
+    def _file_mode(self, node: Node) -> int:
+        if node.kind == "new":
+            return 0o666
+        if node.kind == "task_file" and node.file in WRITABLE:
+            if node.file == "prompt" and self._task(node).state is not State.DRAFT:
+                return 0o444
+            return 0o644
+        return 0o444
+
+    def _content(self, node: Node, uid: int) -> bytes:
+        """The current bytes of a regular file (the stream's and trace's too)."""
+        kind = node.kind
+        if kind == "readme":
+            return views.TREE_README.encode()
+        if kind == "memory":
+            return views.memory(self.kernel).encode()
+        if kind == "devices":
+            return devices.render().encode()
+        if kind == "trace":
+            return b""  # read live from the ring; size comes from the trace itself
+        if kind == "new":
+            return b""
+        if kind == "model_info":
+            info = self.kernel.model
+            return views.model_info(info, loaded=True, default=True).encode()
+        task = self._task(node)
+        f = node.file
+        if f == "stream":
+            return bytes(task.output)
+        if f == "prompt":
+            return task.prompt.encode()
+        if f == "status":
+            return views.status(task, self.kernel.kv.cell_bytes).encode()
+        if f == "config":
+            return task.config.render().encode()
+        if f == "ctl":
+            return views.ctl(task).encode()
+        if f == "error":
+            return (task.error + "\n").encode() if task.error else b""
+        raise _fail(errno.ENOENT)
+
+    def _size(self, node: Node, uid: int) -> int:
+        if node.kind == "trace":
+            return self.kernel.trace.size
+        if node.kind == "task_file" and node.file == "stream":
+            return len(self._task(node).output)
+        return -1
+
+    # -- lookups -------------------------------------------------------------------
+
+    @_boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        text = os.fsdecode(name)
+        if text == ".":
+            node = parent
+        else:
+            node = self._child(parent, text, ctx.uid)
+        return self._getattr(node, ctx.uid)
+
+    def _getattr(self, node: Node, uid: int) -> pyfuse3.EntryAttributes:
+        attrs = self._attrs(node, uid)
+        size = self._size(node, uid)
+        if size >= 0:
+            attrs.st_size = size
+        return attrs
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._getattr(self._node(inode), ctx.uid)
+
+    @_boundary
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        writable = node.kind == "new" or (node.kind == "task_file" and node.file in WRITABLE)
+        only_truncate = fields.update_size and attr.st_size == 0 and not (
+            fields.update_mode or fields.update_uid or fields.update_gid)
+        # `echo x > file` may truncate first; truncating a control file to 0 is harmless.
+        if not (writable and only_truncate) and (fields.update_size or fields.update_mode
+                                                 or fields.update_uid or fields.update_gid):
+            raise _fail(errno.EPERM)
+        return self._getattr(node, ctx.uid)
+
+    @_boundary
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if self._node(inode).kind != "latest":
+            raise _fail(errno.EINVAL)
+        latest = self.kernel.latest(ctx.uid)
+        if latest is None:
+            raise _fail(errno.ENOENT)
+        return latest.id.encode()
+
+    # -- directories ---------------------------------------------------------------
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        fh = self._new_fh()
+        self._dirs[fh] = [(n.encode(), c) for n, c in self._children(node, ctx.uid)]
+        self._dir_uid[fh] = ctx.uid
+        return fh
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh, [])
+        uid = self._dir_uid.get(fh, 0)
+        for i in range(start_id, len(entries)):
+            name, node = entries[i]
+            if not self._exists(node):
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._getattr(node, uid), i + 1):
+                break
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+        self._dir_uid.pop(fh, None)
+
+    @_boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+                    ) -> pyfuse3.EntryAttributes:
+        if self._node(parent_inode) is not TASKS:
+            raise _fail(errno.EPERM)
+        task = self.kernel.create(ctx.uid, ctx.gid, os.fsdecode(name))
+        return self._getattr(Node("task", task.id), ctx.uid)
+
+    @_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        node = self._child(parent, os.fsdecode(name), ctx.uid)
+        if node.kind != "task":
+            raise _fail(errno.EPERM)
+        self.kernel.remove(self._task(node))
+
+    @_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        node = self._child(parent, os.fsdecode(name), ctx.uid)
+        # A task's files go with the task: unlinking one succeeds and changes nothing, so
+        # that `rm -r tasks/ID` reaches the rmdir that removes the task.
+        if node.kind != "task_file":
+            raise _fail(errno.EPERM)
+
+    @_boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise _fail(errno.EACCES)
+
+    async def rename(self, *args: Any) -> None:
+        raise _fail(errno.EPERM)
+
+    async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise _fail(errno.EPERM)
+
+    async def symlink(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise _fail(errno.EPERM)
+
+    async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise _fail(errno.EPERM)
+
+    @_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        kv = self.kernel.kv.stats()
+        s.f_bsize = s.f_frsize = max(1, kv.cell_bytes)
+        s.f_blocks = kv.capacity_cells
+        s.f_bfree = s.f_bavail = kv.capacity_cells - kv.reserved_cells
+        s.f_files = len(self.kernel.tasks)
+        s.f_ffree = s.f_favail = 1 << 20
+        s.f_namemax = 64
+        return s
+
+    # -- files ---------------------------------------------------------------------
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.kind not in ("readme", "memory", "trace", "devices", "new", "model_info", "task_file"):
+            raise _fail(errno.EISDIR)
+        task = self._task(node) if node.kind == "task_file" else None
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if writing and not self._file_mode(node) & 0o200:
+            if task is not None:
+                self.kernel.reject(ctx.uid, task, Busy(
+                    f"{node.file} of task {task.id} is read-only"
+                    + (" once submitted" if node.file == "prompt" else "")))
+            raise _fail(errno.EACCES)
+        h = Handle(node, task, ctx.pid, ctx.uid, ctx.gid)
+        live = node.kind == "trace" or node.file == "stream"
+        if not live and node.kind != "new":
+            h.data = self._content(node, ctx.uid)
+        fh = self._new_fh()
+        self._handles[fh] = h
+        info = pyfuse3.FileInfo(fh=fh)
+        info.direct_io = True
+        info.keep_cache = False
+        return info
+
+    def _handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise _fail(errno.EBADF)
+        return h
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        node = h.node
+        if node.kind == "trace":
+            data, start = self.kernel.trace.read(off + h.skew, size)
+            h.skew = start - off
+            return data
+        if node.kind == "new":
+            await self._submit_pending(h)
+            reply = f"{h.submitted.id}\n".encode() if h.submitted else b""
+            return reply[off : off + size]
+        if h.task is not None and node.file == "stream":
+            return await self._read_stream(h, h.task, off, size)
+        return h.data[off : off + size]
+
+    async def _read_stream(self, h: Handle, task: Task, off: int, size: int) -> bytes:
+        """Wait until there is text past ``off`` or the task has ended; EOF after the end."""
+        while True:
+            changed = task.changed
+            if len(task.output) > off or task.finished:
+                return bytes(task.output[off : off + size])
+            with trio.move_on_after(POLL_SECONDS):
+                await changed.wait()
+            if signal_pending(h.pid):
+                raise _fail(errno.EINTR)
+
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handle(fh)
+        node = h.node
+        if node.kind == "new" or node.file == "prompt":
+            if h.submitted is not None or (h.task and h.task.state is not State.DRAFT):
+                raise self.kernel.reject(h.uid, h.task, Busy("the prompt was already submitted"))
+            try:
+                self.kernel.check_prompt_bytes(bytes(h.pending) + buf)
+            except AxfsError as e:
+                h.pending.clear()  # nothing of a refused prompt is submitted at close
+                raise self.kernel.reject(h.uid, h.task, e) from e
+            h.pending += buf
+            return len(buf)
+        if h.task is None:
+            raise _fail(errno.EBADF)
+        text = self._text(h, buf)
+        if node.file == "config":
+            self.kernel.configure(h.task, text)
+        elif node.file == "ctl":
+            self.kernel.control(h.task, text)
+        else:
+            raise _fail(errno.EBADF)
+        return len(buf)
+
+    def _text(self, h: Handle, buf: bytes) -> str:
+        try:
+            return buf.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.kernel.reject(h.uid, h.task, BadInput(f"{h.node.file}: not UTF-8 text")) from e
+
+    async def _submit_pending(self, h: Handle) -> None:
+        """Submit what was written to tasks/new or a draft's prompt, once."""
+        if not h.pending:
+            return
+        data = bytes(h.pending)
+        h.pending.clear()
+        if h.node.kind == "new":
+            h.submitted = await self.kernel.submit_new(h.uid, h.gid, data)
+        elif h.task is not None:
+            await self.kernel.submit(h.task, data)
+            h.submitted = h.task
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        await self._submit_pending(self._handle(fh))
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None:
+            try:
+                await self._submit_pending(h)
+            except AxfsError:
+                pass  # already refused and recorded; release cannot report it

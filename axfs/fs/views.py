@@ -1,0 +1,124 @@
+"""The text of the tree's read-only files, rendered from kernel state.
+
+These are the interface's formats: README documents each of them; change them only
+together with README.
+"""
+
+from __future__ import annotations
+
+import time
+
+from axfs.kernel import Kernel
+from axfs.task import Task
+from drivers.base import ModelInfo
+
+MIB = 1 << 20
+
+TREE_README = """\
+axfs - a language model behind a filesystem
+
+  echo "Once upon a time" > tasks/new      submit a prompt (default parameters)
+  cat tasks/latest/stream                  the answer, streamed as it is generated
+  mkdir tasks/job; echo "max_tokens 32" > tasks/job/config; echo hi > tasks/job/prompt
+                                           a task with its own parameters
+
+README               this text
+models/NAME/info     the model: architecture, parameters, quantisation, context, size
+tasks/new            write a prompt -> a new task is queued; read the same open file
+                     -> its id
+tasks/latest         symlink to your newest task
+tasks/ID/prompt      the prompt as submitted (for a mkdir'ed draft: write it to submit)
+tasks/ID/stream      the generated text; a read waits for more text or the end (EOF)
+tasks/ID/status      state (draft queued running done failed killed) and counters,
+                     one "key value" per line
+tasks/ID/config      parameters, "key value" lines: model max_tokens temperature top_k
+                     top_p seed stop priority; writable until the task starts
+tasks/ID/ctl         write "kill" or "priority N"
+tasks/ID/error       why the task failed or why the last write to it was refused
+rm -r tasks/ID       kill the task if it runs and remove it
+memory               the KV cache, like /proc/meminfo
+trace                one line per scheduler event; tail -f follows it
+devices              CPU and NVIDIA GPUs
+
+A bad write fails with an errno (EINVAL, EBUSY, EFBIG, ...); the reason is in the
+task's error file and in trace.
+"""
+
+
+def _ms(start: float, end: float) -> str:
+    return f"{(end - start) * 1000:.1f}" if start and end else "-"
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else "-"
+
+
+def status(task: Task, cell_bytes: int) -> str:
+    now = time.time()
+    end = task.finished_at or now
+    decode_s = end - task.first_token_at if task.first_token_at else 0.0
+    rate = f"{(task.num_generated - 1) / decode_s:.2f}" if decode_s > 0 and task.num_generated > 1 else "-"
+    rows = [
+        ("state", task.state.value),
+        ("finish_reason", task.finish_reason or "-"),
+        ("model", task.config.model),
+        ("uid", task.uid),
+        ("priority", task.config.priority),
+        ("prompt_tokens", len(task.prompt_tokens)),
+        ("prefilled_tokens", task.num_prefilled),
+        ("generated_tokens", task.num_generated),
+        ("stream_bytes", len(task.output)),
+        ("kv_cells", task.kv_cells),
+        ("kv_bytes", task.kv_cells * cell_bytes),
+        ("kv_reserved_cells", task.kv_reserved),
+        ("submitted", _stamp(task.submitted_at)),
+        ("queued_ms", _ms(task.submitted_at, task.started_at or (0 if task.finished else now))),
+        ("first_token_ms", _ms(task.submitted_at, task.first_token_at)),
+        ("elapsed_ms", _ms(task.submitted_at, end)),
+        ("decode_tokens_per_second", rate),
+    ]
+    return "".join(f"{k} {v}\n" for k, v in rows)
+
+
+def memory(kernel: Kernel) -> str:
+    kv = kernel.kv.stats()
+    tasks = kernel.tasks.values()
+    waiting = sum(1 for t in tasks if t.state.value == "queued")
+    rows = [
+        ("KVCapacity", f"{kv.capacity_cells} cells"),
+        ("KVCapacityBytes", f"{kv.capacity_cells * kv.cell_bytes // 1024} kB"),
+        ("KVUsed", f"{kv.used_cells} cells"),
+        ("KVUsedBytes", f"{kv.used_cells * kv.cell_bytes // 1024} kB"),
+        ("KVReserved", f"{kv.reserved_cells} cells"),
+        ("KVFree", f"{kv.capacity_cells - kv.reserved_cells} cells"),
+        ("KVCellBytes", f"{kv.cell_bytes} B"),
+        ("PerTaskContext", f"{kernel.kv.seq_limit} cells"),
+        ("Sequences", f"{kv.slots_used} of {kv.slots}"),
+        ("TasksRunning", f"{kv.slots_used}"),
+        ("TasksWaiting", f"{waiting}"),
+    ]
+    width = max(len(k) for k, _ in rows) + 1
+    return "".join(f"{k + ':':<{width}} {v:>16}\n" for k, v in rows)
+
+
+def model_info(info: ModelInfo, loaded: bool, default: bool) -> str:
+    rows = [
+        ("name", info.name),
+        ("path", info.path),
+        ("architecture", info.architecture),
+        ("description", info.description),
+        ("parameters", info.parameters),
+        ("quantisation", info.description.split(" ", 2)[-1] if " " in info.description else "-"),
+        ("context_length", info.context_length),
+        ("vocab_size", info.vocab_size),
+        ("size_bytes", info.size_bytes),
+        *info.extra.items(),
+        ("device", info.device),
+        ("loaded", "yes" if loaded else "no"),
+        ("default", "yes" if default else "no"),
+    ]
+    return "".join(f"{k} {v}\n" for k, v in rows)
+
+
+def ctl(task: Task) -> str:
+    return f"priority {task.config.priority}\n"

@@ -1,0 +1,167 @@
+"""One unit of work: a prompt, its parameters and the text generated for it.
+
+A Task is a state machine (draft -> queued -> running -> done | failed | killed)
+with counters; the engine feeds it tokens and it turns them into whole UTF-8
+characters, honours stop strings and wakes the readers of its stream.
+"""
+
+from __future__ import annotations
+
+import codecs
+import enum
+import time
+
+import trio
+
+from axfs.config import TaskConfig
+
+
+class State(enum.StrEnum):
+    DRAFT = "draft"  # made with mkdir; config and prompt still being written
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    KILLED = "killed"
+
+
+FINAL = frozenset({State.DONE, State.FAILED, State.KILLED})
+
+
+class Task:
+    def __init__(self, task_id: str, uid: int, gid: int, config: TaskConfig) -> None:
+        self.id = task_id
+        self.uid = uid
+        self.gid = gid
+        self.config = config
+        self.state = State.DRAFT
+        self.prompt = ""
+        self.prompt_tokens: list[int] = []
+        self.output = bytearray()  # the published stream: whole UTF-8 characters
+        self.output_tokens: list[int] = []
+        self.error = ""
+        self.finish_reason = ""
+        self.seq: int | None = None  # the model sequence slot while admitted
+        self.num_prefilled = 0  # prompt tokens already in the KV cache
+        self.kv_reserved = 0  # cells reserved for this task while admitted
+        self.created_at = time.time()
+        self.submitted_at = 0.0
+        self.started_at = 0.0
+        self.first_token_at = 0.0
+        self.finished_at = 0.0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._held = ""  # decoded text not yet published: it may begin a stop string
+        self.updated_at = self.created_at
+        self._changed = trio.Event()
+
+    # -- derived -------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_tokens)
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_prefilled >= len(self.prompt_tokens)
+
+    @property
+    def kv_cells(self) -> int:
+        """Cells this task's sequence holds in the KV cache now."""
+        if self.seq is None:
+            return 0
+        return self.num_prefilled + max(0, self.num_generated - 1)
+
+    @property
+    def next_pos(self) -> int:
+        return self.kv_cells
+
+    # -- waking readers ------------------------------------------------------------
+
+    @property
+    def changed(self) -> trio.Event:
+        """An event set at the next change; take it before checking, then wait on it."""
+        return self._changed
+
+    def notify(self) -> None:
+        self.updated_at = time.time()
+        event, self._changed = self._changed, trio.Event()
+        event.set()
+
+    # -- transitions -----------------------------------------------------------------
+
+    def submit(self, prompt: str, tokens: list[int]) -> None:
+        self.prompt = prompt
+        self.prompt_tokens = tokens
+        self.config.fix_seed()
+        self.state = State.QUEUED
+        self.submitted_at = time.time()
+        self.notify()
+
+    def start(self, seq: int, kv_reserved: int) -> None:
+        self.seq = seq
+        self.kv_reserved = kv_reserved
+        self.state = State.RUNNING
+        self.started_at = time.time()
+        self.notify()
+
+    def finish(self, state: State, reason: str, error: str = "") -> None:
+        """End the task; what was held back for a possible stop string is published."""
+        if self.finished:
+            return
+        if state is State.DONE:
+            self._publish(self._held + self._decoder.decode(b"", final=True))
+        self._held = ""
+        self.state = state
+        self.finish_reason = reason
+        if error:
+            self.error = error
+        self.finished_at = time.time()
+        self.notify()
+
+    # -- generated tokens ------------------------------------------------------------
+
+    def add_token(self, token: int, piece: bytes, eog: bool, limit_reached: bool) -> None:
+        """Apply one sampled token: end of generation, text, stop strings, limits."""
+        if not self.output_tokens:
+            self.first_token_at = time.time()
+        self.output_tokens.append(token)
+        if eog:
+            self.finish(State.DONE, "eos")
+            return
+        self._held += self._decoder.decode(piece)
+        cut = self._stop_at()
+        if cut is not None:
+            self._held = self._held[:cut]
+            self.finish(State.DONE, "stop")
+            return
+        keep = self._stop_prefix_len()
+        self._publish(self._held[: len(self._held) - keep])
+        self._held = self._held[len(self._held) - keep :]
+        if self.num_generated >= self.config.max_tokens:
+            self.finish(State.DONE, "length")
+        elif limit_reached:
+            self.finish(State.DONE, "context")
+        else:
+            self.notify()
+
+    def _publish(self, text: str) -> None:
+        if text:
+            self.output += text.encode("utf-8")
+
+    def _stop_at(self) -> int | None:
+        hits = [i for s in self.config.stop if s and (i := self._held.find(s)) >= 0]
+        return min(hits) if hits else None
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest tail of the held text that begins some stop string."""
+        best = 0
+        for s in self.config.stop:
+            for n in range(min(len(s) - 1, len(self._held)), best, -1):
+                if self._held.endswith(s[:n]):
+                    best = n
+                    break
+        return best

@@ -1,0 +1,62 @@
+"""The trace: one text line per scheduler event, kept in a bounded ring.
+
+Lines are addressed by absolute byte offset: the file's size is every byte ever
+traced, so ``tail -f`` sees it grow. Lines older than the ring are dropped; a
+reader that asks for them is told how many it missed (see ``read``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+log = logging.getLogger(__name__)
+
+
+def _value(v: object) -> str:
+    s = str(v)
+    return repr(s) if (not s or any(c in s for c in " \n\t=\"'")) else s
+
+
+class Trace:
+    def __init__(self, max_lines: int = 20_000) -> None:
+        self._lines: deque[bytes] = deque()
+        self._max_lines = max_lines
+        self._base = 0  # absolute offset of the first kept line
+        self._size = 0  # absolute offset just past the last line
+        self.dropped_lines = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def emit(self, event: str, task: str = "-", uid: int | str = "-", **details: object) -> None:
+        """Add ``time task uid event key=value...``; values with spaces are quoted."""
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        extra = "".join(f" {k}={_value(v)}" for k, v in details.items())
+        line = f"{stamp} {task} {uid} {event}{extra}\n".encode()
+        log.debug("trace: %s", line.decode().rstrip())
+        self._lines.append(line)
+        self._size += len(line)
+        while len(self._lines) > self._max_lines:
+            self._base += len(self._lines.popleft())
+            self.dropped_lines += 1
+
+    def read(self, offset: int, size: int) -> tuple[bytes, int]:
+        """Bytes from absolute ``offset`` (at most ``size``) and the offset they start at.
+
+        The start is later than ``offset`` when those lines were already dropped.
+        """
+        start = max(offset, self._base)
+        out = bytearray()
+        pos = self._base
+        for line in self._lines:
+            end = pos + len(line)
+            if end > start:
+                out += line[max(0, start - pos) :]
+                if len(out) >= size:
+                    break
+            pos = end
+        return bytes(out[:size]), start

@@ -1,0 +1,93 @@
+"""The interface every runtime driver implements.
+
+The kernel (axfs) plans a step; a driver runs it. A step is a list of pieces, each
+feeding some tokens of one sequence at given positions; pieces that ask for a sample
+get the next token back. Everything here is plain data so that the scheduler and the
+tests never touch model code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class DriverError(Exception):
+    """A driver could not do what was asked (the message says why, in words)."""
+
+
+class ModelLoadError(DriverError):
+    """The model file could not be loaded."""
+
+
+@dataclass(slots=True, frozen=True)
+class Sampling:
+    """How one sequence picks its next token. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class Piece:
+    """Tokens of one sequence fed in one step, starting at position ``pos``."""
+
+    seq: int
+    tokens: list[int]
+    pos: int
+    sample: bool
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """What the model file says about itself, shown in models/<name>/info."""
+
+    name: str
+    path: str
+    architecture: str
+    description: str
+    parameters: int
+    size_bytes: int
+    context_length: int
+    vocab_size: int
+    device: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class ContextShape:
+    """The shape of the runtime context a driver opened."""
+
+    n_ctx: int  # KV cells in all, shared by every sequence
+    n_seq_max: int  # sequence slots
+    n_batch: int  # most tokens one step may carry
+    cell_bytes: int  # bytes of KV per cell (all layers, K and V)
+
+
+class Driver(Protocol):
+    """A loaded model with one context that runs batched steps.
+
+    Calls that touch the context (``open_seq``, ``close_seq``, ``step``) are made
+    by one thread at a time; ``tokenize`` and ``piece`` only read the vocabulary.
+    """
+
+    info: ModelInfo
+    shape: ContextShape
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def piece(self, token: int) -> bytes: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+    def open_seq(self, seq: int, sampling: Sampling) -> None: ...
+
+    def close_seq(self, seq: int) -> None: ...
+
+    def step(self, pieces: list[Piece]) -> dict[int, int]:
+        """Run one batch; return the sampled token for every piece with ``sample``."""
+        ...
+
+    def close(self) -> None: ...

