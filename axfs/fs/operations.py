@@ -93,6 +93,7 @@ class Handle:
     pending: bytearray = field(default_factory=bytearray)  # prompt bytes not yet submitted
     submitted: Task | None = None  # what a write to tasks/new created
     skew: int = 0  # trace: absolute offset minus file offset (lines dropped meanwhile)
+    replied: int = 0  # tasks/new: bytes of the id already read (the write moved the offset)
 
 
 def signal_pending(pid: int) -> bool:
@@ -441,16 +442,22 @@ class Operations(pyfuse3.Operations):
         if node.kind == "new":
             await self._submit_pending(h)
             reply = f"{h.submitted.id}\n".encode() if h.submitted else b""
-            return reply[off : off + size]
+            data = reply[h.replied : h.replied + size]
+            h.replied += len(data)
+            return data
         if h.task is not None and node.file == "stream":
             return await self._read_stream(h, h.task, off, size)
         return h.data[off : off + size]
 
     async def _read_stream(self, h: Handle, task: Task, off: int, size: int) -> bytes:
-        """Wait until there is text past ``off`` or the task has ended; EOF after the end."""
+        """Wait until there is text past ``off`` or the task has ended; EOF after the end.
+
+        A draft's stream is empty and ends at once: nothing runs until it is submitted,
+        and ``grep -r`` over the tree must not wait on it.
+        """
         while True:
             changed = task.changed
-            if len(task.output) > off or task.finished:
+            if len(task.output) > off or task.finished or task.state is State.DRAFT:
                 return bytes(task.output[off : off + size])
             with trio.move_on_after(POLL_SECONDS):
                 await changed.wait()

@@ -1,0 +1,92 @@
+"""Shared fixtures: the tiny model, the default model, and real mounts driven by the shell."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.tinymodel import write_tiny_gguf
+
+REPO = Path(__file__).resolve().parent.parent
+AXFS = [sys.executable, "-m", "mount.cli"]
+TINY_CTX = 65536
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf", n_ctx_train=TINY_CTX)
+
+
+@pytest.fixture(scope="session")
+def gemma_model() -> Path:
+    state = Path(os.environ.get("AXFS_TEST_STATE", "/var/lib/axfs" if os.geteuid() == 0 else
+                                Path.home() / ".local/state/axfs"))
+    try:
+        out = subprocess.run([*AXFS, "default-model", "--state-dir", str(state)], cwd=REPO,
+                             capture_output=True, text=True, check=True, timeout=300)
+    except subprocess.CalledProcessError as e:
+        pytest.fail(f"the default model is not available: {e.stderr}")
+    return Path(out.stdout.strip())
+
+
+def sh(script: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in bash; the mount point is in $AX."""
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{script!r} exited {done.returncode}: {done.stderr}")
+    return done
+
+
+@dataclass
+class Mount:
+    path: Path
+    state: Path
+    model: Path
+
+    def sh(self, script: str, timeout: float = 60, check: bool = True
+           ) -> subprocess.CompletedProcess[str]:
+        return sh(f"AX={self.path}; cd $AX; {script}", timeout=timeout, check=check)
+
+    def read(self, rel: str) -> str:
+        return (self.path / rel).read_text()
+
+    def status(self, task: str) -> dict[str, str]:
+        lines = self.read(f"tasks/{task}/status").splitlines()
+        return dict(line.split(" ", 1) for line in lines)
+
+    def wait_state(self, task: str, *states: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.status(task)["state"]
+            if state in states:
+                return state
+            time.sleep(0.05)
+        raise AssertionError(f"task {task} still {state}, not {states}")
+
+
+def mount(path: Path, model: Path, state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AXFS, "mount", str(path), "--model", str(model), "--state-dir",
+                           str(state), *extra], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def umount(path: Path) -> None:
+    subprocess.run([*AXFS, "umount", str(path)], cwd=REPO, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def ax(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """A tree mounted with the tiny model, shared by a test module."""
+    base = tmp_path_factory.mktemp("ax")
+    path, state = base / "mnt", base / "state"
+    done = mount(path, tiny_model, state, "--ctx", str(TINY_CTX), "--slots", "16")
+    assert done.returncode == 0, done.stderr
+    yield Mount(path, state, tiny_model)
+    umount(path)

@@ -1,0 +1,70 @@
+"""A fake driver for unit tests of the kernel: no model, deterministic tokens.
+
+Tokens are Unicode code points: ``tokenize`` maps each character to its code point and
+the next token after ``t`` is scripted by ``script`` (default: the next letter), so
+tests can predict every byte of a stream. Token 0 is the end-of-generation token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from drivers.base import ContextShape, DriverError, ModelInfo, Piece, Sampling
+
+EOG = 0
+
+
+def next_letter(token: int) -> int:
+    return ord("a") + (token - ord("a") + 1) % 26 if ord("a") <= token <= ord("z") else ord("a")
+
+
+class FakeDriver:
+    def __init__(self, n_ctx: int = 1024, n_seq_max: int = 4, n_batch: int = 64,
+                 script: Callable[[int], int] = next_letter, context_length: int = 4096) -> None:
+        self.info = ModelInfo(name="fake", path="/dev/null", architecture="fake",
+                              description="fake 0M F32", parameters=0, size_bytes=0,
+                              context_length=context_length, vocab_size=0x110000, device="none")
+        self.shape = ContextShape(n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch, cell_bytes=2)
+        self.script = script
+        self.steps: list[list[Piece]] = []
+        self.open: dict[int, Sampling] = {}
+        self.positions: dict[int, int] = {}  # next position each sequence expects
+        self.fail_next: str | None = None
+
+    def tokenize(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def piece(self, token: int) -> bytes:
+        return chr(token).encode() if token != EOG else b""
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOG
+
+    def open_seq(self, seq: int, sampling: Sampling) -> None:
+        self.open[seq] = sampling
+        self.positions[seq] = 0
+
+    def close_seq(self, seq: int) -> None:
+        self.open.pop(seq, None)
+        self.positions.pop(seq, None)
+
+    def step(self, pieces: list[Piece]) -> dict[int, int]:
+        if self.fail_next:
+            message, self.fail_next = self.fail_next, None
+            raise DriverError(message)
+        if sum(len(p.tokens) for p in pieces) > self.shape.n_batch:
+            raise DriverError("over n_batch")
+        self.steps.append(pieces)
+        out = {}
+        for p in pieces:
+            if p.seq not in self.open:
+                raise DriverError(f"sequence {p.seq} is not open")
+            if p.pos != self.positions[p.seq]:
+                raise DriverError(f"sequence {p.seq} at {p.pos}, expected {self.positions[p.seq]}")
+            self.positions[p.seq] += len(p.tokens)
+            if p.sample:
+                out[p.seq] = self.script(p.tokens[-1])
+        return out
+
+    def close(self) -> None:
+        self.open.clear()
