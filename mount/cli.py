@@ -151,21 +151,30 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
     return 1
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def umount(mountpoint: Path, timeout: float) -> int:
-    pid_path = pid_file(mountpoint)
+    """Unmount and wait for the daemon to finish (it writes its state on the way out)."""
+    try:
+        pid: int | None = int(pid_file(mountpoint).read_text())
+    except (OSError, ValueError):
+        pid = None
     done = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if done.returncode != 0:
         print(f"axfs: cannot unmount {mountpoint}: {done.stderr.strip()}", file=sys.stderr)
         return 1
-    try:
-        pid = int(pid_path.read_text())
-    except (OSError, ValueError):
+    if pid is None:
         return 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid):
             return 0
         time.sleep(0.05)
     print(f"axfs: the daemon (pid {pid}) did not exit within {timeout:g} s", file=sys.stderr)

@@ -46,41 +46,39 @@ class MountOptions:
     allow_other: bool = False
 
 
-def clear_stale(mountpoint: Path) -> None:
-    """Unmount a mount left by a crashed daemon ('Transport endpoint is not connected')."""
+def prepare_mountpoint(mountpoint: Path) -> None:
+    """Make ``mountpoint`` ready: created if missing, a crashed daemon's mount cleared."""
     try:
         os.stat(mountpoint)
+    except FileNotFoundError:
+        try:
+            mountpoint.mkdir(parents=True)
+        except OSError as e:
+            raise MountError(f"cannot create {mountpoint}: {e.strerror}") from e
     except OSError as e:
         if e.errno != errno.ENOTCONN:
-            raise
+            raise MountError(f"cannot use {mountpoint}: {e.strerror}") from e
+        # 'Transport endpoint is not connected': the daemon behind it died.
         log.warning("clearing a stale mount at %s", mountpoint)
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False,
                        capture_output=True)
-        return
     if os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point (axfs umount it first)")
-
-
-def prepare(opts: MountOptions) -> None:
-    opts.state_dir.mkdir(parents=True, exist_ok=True)
-    if not opts.mountpoint.exists():
-        try:
-            opts.mountpoint.mkdir(parents=True)
-        except OSError as e:
-            if e.errno != errno.ENOTCONN:
-                raise MountError(f"cannot create {opts.mountpoint}: {e.strerror}") from e
-    clear_stale(opts.mountpoint)
-    if not opts.mountpoint.is_dir():
-        raise MountError(f"{opts.mountpoint} is not a directory")
+    if not mountpoint.is_dir():
+        raise MountError(f"{mountpoint} is not a directory")
 
 
 def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
     """Mount and serve until unmounted or signalled; returns the exit status."""
     try:
-        prepare(opts)
+        opts.state_dir.mkdir(parents=True, exist_ok=True)
+        prepare_mountpoint(opts.mountpoint)
         driver = LlamaCppDriver(opts.model, n_ctx=opts.n_ctx, n_seq_max=opts.slots,
                                 n_batch=opts.n_batch, n_threads=opts.threads)
     except (MountError, ModelLoadError) as e:
+        ready(f"error: {e}")
+        return 1
+    except OSError as e:
         ready(f"error: {e}")
         return 1
     try:
