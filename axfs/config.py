@@ -92,7 +92,8 @@ def _number(kind: type[T], lo: T, hi: T) -> Callable[[str, str], T]:
         try:
             v = kind(value)
         except ValueError:
-            raise BadInput(f"{where}: {value!r} is not {'an integer' if kind is int else 'a number'}")
+            kind_name = "an integer" if kind is int else "a number"
+            raise BadInput(f"{where}: {value!r} is not {kind_name}") from None
         if not lo <= v <= hi:  # also rejects nan
             raise BadInput(f"{where}: {value} is outside {lo}..{hi}")
         return v

@@ -155,7 +155,7 @@ class LlamaCppDriver:
         head_v = int(self._meta(f"{arch}.attention.value_length") or 0)
         if not head_k:
             head_k = head_v = lc.llama_model_n_embd(self._model) // n_head
-        return n_layer * n_head_kv * (head_k + head_v) * 2
+        return int(n_layer * n_head_kv * (head_k + head_v) * 2)
 
     # -- vocabulary ----------------------------------------------------------------
 

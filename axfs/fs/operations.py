@@ -7,13 +7,14 @@ pyfuse3 handler would take the whole mount down.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -44,7 +45,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -275,10 +276,7 @@ class Operations(pyfuse3.Operations):
                      ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         text = os.fsdecode(name)
-        if text == ".":
-            node = parent
-        else:
-            node = self._child(parent, text, ctx.uid)
+        node = parent if text == "." else self._child(parent, text, ctx.uid)
         return self._getattr(node, ctx.uid)
 
     def _getattr(self, node: Node, uid: int) -> pyfuse3.EntryAttributes:
@@ -515,7 +513,5 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
-            try:
+            with contextlib.suppress(AxfsError):  # refused and recorded; release cannot say so
                 await self._submit_pending(h)
-            except AxfsError:
-                pass  # already refused and recorded; release cannot report it

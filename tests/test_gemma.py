@@ -1,0 +1,40 @@
+"""The default model (Gemma 3 270M from PyPI), end to end through the real mount."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Mount, mount, umount
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    base = tmp_path_factory.mktemp("gemma")
+    done = mount(base / "mnt", gemma_model, base / "state")
+    assert done.returncode == 0, done.stderr
+    yield Mount(base / "mnt", base / "state", gemma_model)
+    umount(base / "mnt")
+
+
+def test_echo_hello_then_cat_prints_generated_text(gemma: Mount) -> None:
+    out = gemma.sh("echo hello > tasks/new; cat tasks/latest/stream", timeout=120).stdout
+    task = os.readlink(gemma.path / "tasks/latest")
+    status = gemma.status(task)
+    assert status["state"] == "done" and status["model"] == "gemma-3-270m-q4_k_m"
+    assert int(status["generated_tokens"]) > 0
+    assert out.strip() and out.encode() == (gemma.path / f"tasks/{task}/stream").read_bytes()
+
+
+def test_greedy_continuation_is_sensible(gemma: Mount) -> None:
+    gemma.sh("mkdir tasks/paris && printf 'max_tokens 8\\ntemperature 0\\n' > tasks/paris/config"
+             " && echo 'The capital of France is' > tasks/paris/prompt")
+    out = gemma.sh("cat tasks/paris/stream", timeout=60).stdout
+    assert "Paris" in out or "capital" in out, out
+    info = gemma.read("models/gemma-3-270m-q4_k_m/info")
+    assert "architecture gemma3\n" in info and "Q4_K" in info
