@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import llama_cpp as lc
+import numpy as np
 
 from drivers.base import ContextShape, DriverError, ModelInfo, ModelLoadError, Piece, Sampling
 
@@ -49,6 +50,15 @@ def _init_backend() -> None:
             _backend_ready = True
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX, whose llama.cpp repack path crashes here (DESIGN.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_" in line for line in f)
+    except OSError:
+        return False
+
+
 def check_gguf(path: Path) -> None:
     """Fail with a clear message when ``path`` is not a readable GGUF file."""
     if not path.exists():
@@ -76,13 +86,17 @@ class LlamaCppDriver:
         n_seq_max: int = 32,
         n_batch: int = 512,
         n_threads: int | None = None,
+        repack: bool | None = None,
     ) -> None:
         path = Path(path).resolve()
         check_gguf(path)
         _init_backend()
         mparams = lc.llama_model_default_params()
-        # The AMX repack path crashes on these machines on the first decode (DESIGN.md).
-        mparams.use_extra_bufts = False
+        # Repacked weight layouts make batched steps about a quarter faster here, but
+        # llama.cpp's AMX repack path crashes on the first decode (DESIGN.md): by default
+        # repack everywhere except on CPUs with AMX.
+        self.repack = not cpu_has_amx() if repack is None else repack
+        mparams.use_extra_bufts = self.repack
         mparams.n_gpu_layers = 0
         _recent_log.clear()
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
@@ -118,6 +132,7 @@ class LlamaCppDriver:
         )
         self._batch = lc.llama_batch_init(self.shape.n_batch, 0, 1)
         self._samplers: dict[int, ctypes.c_void_p] = {}
+        self._greedy: set[int] = set()  # sequences sampled by argmax of the logits
         self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
         self.info = ModelInfo(
             name=name or path.stem,
@@ -128,7 +143,7 @@ class LlamaCppDriver:
             size_bytes=lc.llama_model_size(model),
             context_length=lc.llama_model_n_ctx_train(model),
             vocab_size=lc.llama_vocab_n_tokens(self._vocab),
-            device=f"cpu ({threads} threads)",
+            device=f"cpu ({threads} threads{', repacked weights' if self.repack else ''})",
             extra={"file_bytes": str(path.stat().st_size)},
         )
         log.info("loaded %s: %s, context %s", path, self.info.description, self.shape)
@@ -187,21 +202,24 @@ class LlamaCppDriver:
         if not 0 <= seq < self.shape.n_seq_max:
             raise DriverError(f"sequence {seq} is outside 0..{self.shape.n_seq_max - 1}")
         self.close_seq(seq)
+        if sampling.temperature <= 0:
+            # Argmax straight from the logits: llama.cpp's greedy sampler first copies
+            # all n_vocab logits into candidate records, per token (262k for Gemma).
+            self._greedy.add(seq)
+            return
         sparams = lc.llama_sampler_chain_default_params()
         chain = lc.llama_sampler_chain_init(sparams)
-        if sampling.temperature <= 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-        else:
-            if sampling.top_k > 0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(sampling.top_k))
-            if sampling.top_p < 1.0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(sampling.top_p, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(sampling.temperature))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(sampling.seed))
+        if sampling.top_k > 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(sampling.top_k))
+        if sampling.top_p < 1.0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(sampling.top_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(sampling.temperature))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(sampling.seed))
         self._samplers[seq] = chain
 
     def close_seq(self, seq: int) -> None:
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._greedy.discard(seq)
         chain = self._samplers.pop(seq, None)
         if chain is not None:
             lc.llama_sampler_free(chain)
@@ -235,11 +253,16 @@ class LlamaCppDriver:
             raise DriverError("the KV cache has no room for this step")
         if rc != 0:
             raise DriverError(f"llama_decode failed with code {rc}")
-        return {seq: lc.llama_sampler_sample(self._samplers[seq], self._ctx, idx)
-                for seq, idx in wanted}
+        return {seq: self._sample(seq, idx) for seq, idx in wanted}
+
+    def _sample(self, seq: int, idx: int) -> int:
+        if seq in self._greedy:
+            logits = lc.llama_get_logits_ith(self._ctx, idx)
+            return int(np.ctypeslib.as_array(logits, shape=(self.info.vocab_size,)).argmax())
+        return int(lc.llama_sampler_sample(self._samplers[seq], self._ctx, idx))
 
     def close(self) -> None:
-        for seq in list(self._samplers):
+        for seq in list(self._samplers) + list(self._greedy):
             self.close_seq(seq)
         if self._ctx:
             lc.llama_batch_free(self._batch)

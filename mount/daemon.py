@@ -43,6 +43,7 @@ class MountOptions:
     slots: int = 32
     n_batch: int = 512
     threads: int | None = None
+    repack: bool | None = None  # None: llama.cpp's repacked weights unless the CPU has AMX
     allow_other: bool = False
 
 
@@ -74,7 +75,8 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
         opts.state_dir.mkdir(parents=True, exist_ok=True)
         prepare_mountpoint(opts.mountpoint)
         driver = LlamaCppDriver(opts.model, n_ctx=opts.n_ctx, n_seq_max=opts.slots,
-                                n_batch=opts.n_batch, n_threads=opts.threads)
+                                n_batch=opts.n_batch, n_threads=opts.threads,
+                                repack=opts.repack)
     except (MountError, ModelLoadError) as e:
         ready(f"error: {e}")
         return 1

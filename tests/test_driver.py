@@ -56,6 +56,21 @@ def test_sequences_in_one_batch_decode_independently(driver: LlamaCppDriver) -> 
     assert len(set(together[0])) > 1
 
 
+def test_greedy_fast_path_matches_llama_cpp_sampling_with_top_k_1(driver: LlamaCppDriver) -> None:
+    prompt = driver.tokenize("the quick brown")
+    runs = []
+    for sampling in (Sampling(temperature=0), Sampling(temperature=1.0, top_k=1, seed=3)):
+        driver.open_seq(0, sampling)
+        out = driver.step([Piece(0, prompt, 0, True)])
+        tokens = [out[0]]
+        for i in range(12):
+            out = driver.step([Piece(0, [tokens[-1]], len(prompt) + i, True)])
+            tokens.append(out[0])
+        driver.close_seq(0)
+        runs.append(tokens)
+    assert runs[0] == runs[1]
+
+
 def test_a_step_over_n_batch_is_refused_not_aborted(driver: LlamaCppDriver) -> None:
     driver.open_seq(0, Sampling())
     with pytest.raises(DriverError, match="exceeds n_batch"):
