@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from axfs.errors import BadInput
+from drivers.base import Sampling
 
 MAX_STOPS = 8
 MAX_STOP_LEN = 256
@@ -33,6 +34,10 @@ class TaskConfig:
 
     def copy(self) -> TaskConfig:
         return dataclasses.replace(self, stop=list(self.stop))
+
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                        seed=self.seed)
 
     def fix_seed(self) -> None:
         if self.seed < 0:

@@ -9,15 +9,28 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 import trio
 
 from axfs.scheduler import Scheduler, StepPlan
 from axfs.task import State, Task
 from axfs.trace import Trace
-from drivers.base import Driver, DriverError, Piece, Sampling
+from drivers.base import Driver, DriverError, SeqState
 
 log = logging.getLogger(__name__)
+
+EMA = 0.2  # weight of a new measurement in the scheduler's cost estimates
+
+
+@dataclass(slots=True)
+class StepResult:
+    sampled: dict[int, int] = field(default_factory=dict)  # seq -> token
+    saved: dict[str, SeqState] = field(default_factory=dict)  # task id -> its saved state
+    save_s: float = 0.0
+    restore_s: float = 0.0
+    restored_bytes: int = 0
+    step_s: float = 0.0
 
 
 class Engine:
@@ -53,47 +66,75 @@ class Engine:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
+            for task, _, keep in plan.preempted:
+                self.trace.emit("preempt", task.id, task.uid, cells=task.num_cached if keep else 0,
+                                keep_kv="yes" if keep else "no")
             for task in plan.admitted:
-                self.trace.emit("admit", task.id, task.uid, seq=task.seq, kv_cells=task.kv_reserved)
-            opened = [(t.seq, _sampling(t)) for t in plan.admitted if t.seq is not None]
+                self.trace.emit("admit", task.id, task.uid, seq=task.seq, kv_cells=task.kv_reserved,
+                                resumed="yes" if task.saved else "no")
             closed, self._to_close = self._to_close, []
             try:
-                sampled = await trio.to_thread.run_sync(self._run, closed, opened, plan.pieces)
+                result = await trio.to_thread.run_sync(self._run, plan, closed)
             except DriverError as e:
                 log.warning("step failed: %s", e)
-                for task in plan.owners.values():
+                for task in [*plan.owners.values(), *(t for t, _, _ in plan.preempted)]:
                     self.trace.emit("error", task.id, task.uid, reason=str(e))
                     self.end(task, State.FAILED, "error", f"model error: {e}")
                 continue
-            self._apply(plan, sampled)
+            self._apply(plan, result)
 
-    def _run(self, closed: list[int], opened: list[tuple[int, Sampling]],
-             pieces: list[Piece]) -> dict[int, int]:
-        """In the worker thread: clear freed slots, set up new ones, run the step."""
+    def _run(self, plan: StepPlan, closed: list[int]) -> StepResult:
+        """In the worker thread: set preempted sequences aside, clear freed slots, set up
+        new and resumed ones, run the step."""
+        result = StepResult()
+        start = time.perf_counter()
+        for task, seq, keep in plan.preempted:
+            result.saved[task.id] = self.driver.save_seq(seq, keep)
+        result.save_s = time.perf_counter() - start
         for seq in closed:
             self.driver.close_seq(seq)
-        for seq, sampling in opened:
-            self.driver.open_seq(seq, sampling)
-        return self.driver.step(pieces) if pieces else {}
+        start = time.perf_counter()
+        for task in plan.admitted:
+            if task.seq is None:
+                continue
+            state = task.saved
+            if isinstance(state, SeqState):
+                self.driver.restore_seq(task.seq, state)
+                result.restored_bytes += state.kv_bytes
+            else:
+                self.driver.open_seq(task.seq, task.config.sampling())
+        result.restore_s = time.perf_counter() - start
+        start = time.perf_counter()
+        if plan.pieces:
+            result.sampled = self.driver.step(plan.pieces)
+        result.step_s = time.perf_counter() - start
+        return result
 
-    def _apply(self, plan: StepPlan, sampled: dict[int, int]) -> None:
+    def _apply(self, plan: StepPlan, result: StepResult) -> None:
         self.num_steps += 1
         self.num_tokens += plan.num_tokens
+        self._learn(plan, result)
+        for task, _, _ in plan.preempted:
+            task.saved = result.saved.get(task.id)
+        for task in plan.admitted:
+            if isinstance(task.saved, SeqState):
+                task.saved = None
         for piece in plan.pieces:
             task = plan.owners[piece.seq]
             if task.finished or task.seq != piece.seq:
                 continue  # killed while the step ran
-            if not task.prefill_done:
-                task.num_prefilled += len(piece.tokens)
+            prefill = len(piece.tokens) > 1 or task.num_cached < len(task.prompt_tokens)
+            task.num_cached += len(piece.tokens)
+            self.scheduler.charge(task, len(piece.tokens))
+            if prefill:
                 self.trace.emit("prefill", task.id, task.uid, tokens=len(piece.tokens),
-                                done=task.num_prefilled, of=len(task.prompt_tokens))
-            token = sampled.get(piece.seq)
+                                done=task.num_cached, of=task.num_history)
+            token = result.sampled.get(piece.seq)
             if token is None:
                 continue
             first = not task.output_tokens
-            needed = len(task.prompt_tokens) + task.num_generated + 1
             task.add_token(token, self.driver.piece(token), self.driver.is_eog(token),
-                           limit_reached=needed > task.kv_reserved)
+                           limit_reached=task.num_history + 1 > task.kv_reserved)
             if first:
                 self.trace.emit("first_token", task.id, task.uid,
                                 ms=round((task.first_token_at - task.submitted_at) * 1000, 1))
@@ -103,7 +144,16 @@ class Engine:
                                 seconds=round(time.time() - task.submitted_at, 3))
                 self.end(task, task.state, task.finish_reason)
 
-
-def _sampling(task: Task) -> Sampling:
-    c = task.config
-    return Sampling(temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, seed=c.seed)
+    def _learn(self, plan: StepPlan, result: StepResult) -> None:
+        """Refine the scheduler's cost estimates from what this step took."""
+        costs = self.scheduler.costs
+        saved = sum(s.kv_bytes for s in result.saved.values())
+        if saved:
+            costs.save_s_per_byte += EMA * (result.save_s / saved - costs.save_s_per_byte)
+        if result.restored_bytes:
+            costs.restore_s_per_byte += EMA * (result.restore_s / result.restored_bytes
+                                               - costs.restore_s_per_byte)
+        prefill = sum(len(p.tokens) for p in plan.pieces if len(p.tokens) > 1)
+        if prefill >= 32 and result.step_s > 0:
+            costs.prefill_s_per_token += EMA * (result.step_s / plan.num_tokens
+                                                - costs.prefill_s_per_token)

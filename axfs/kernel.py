@@ -17,6 +17,7 @@ from axfs.config import TaskConfig
 from axfs.engine import Engine
 from axfs.errors import AxfsError, BadInput, Busy, Exists, NoSpace, NotFound, TooLarge
 from axfs.kv import KVSpace
+from axfs.policy import make_policy
 from axfs.scheduler import Scheduler
 from axfs.task import State, Task
 from axfs.trace import Trace
@@ -30,14 +31,14 @@ RESERVED_NAMES = frozenset({"new", "latest"})
 
 
 class Kernel:
-    def __init__(self, driver: Driver, trace: Trace | None = None) -> None:
+    def __init__(self, driver: Driver, trace: Trace | None = None, policy: str = "fair") -> None:
         self.driver = driver
         self.model = driver.info
         self.trace = trace or Trace()
         shape = driver.shape
         self.kv = KVSpace(shape.n_ctx, shape.n_seq_max, shape.cell_bytes,
                           seq_limit=min(shape.n_ctx, self.model.context_length or shape.n_ctx))
-        self.scheduler = Scheduler(self.kv, shape.n_batch)
+        self.scheduler = Scheduler(self.kv, shape.n_batch, make_policy(policy))
         self.engine = Engine(driver, self.scheduler, self.trace)
         self.defaults = TaskConfig(model=self.model.name)
         self.tasks: dict[str, Task] = {}

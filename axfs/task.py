@@ -20,6 +20,7 @@ class State(enum.StrEnum):
     DRAFT = "draft"  # made with mkdir; config and prompt still being written
     QUEUED = "queued"
     RUNNING = "running"
+    PREEMPTED = "preempted"  # runnable, waiting for its turn with its progress kept
     DONE = "done"
     FAILED = "failed"
     KILLED = "killed"
@@ -42,8 +43,14 @@ class Task:
         self.error = ""
         self.finish_reason = ""
         self.seq: int | None = None  # the model sequence slot while admitted
-        self.num_prefilled = 0  # prompt tokens already in the KV cache
+        self.num_cached = 0  # tokens of prompt + output already in the KV cache
         self.kv_reserved = 0  # cells reserved for this task while admitted
+        self.saved: object | None = None  # the driver's saved state while preempted
+        self.num_preempted = 0
+        self.num_processed = 0  # tokens run through the model for it (prefill and decode)
+        self.processed_at_start = 0  # num_processed when it was last admitted
+        self.waited_s = 0.0  # time runnable but not admitted, before the current wait
+        self.waiting_since = 0.0  # when the current wait began (0: not waiting)
         self.created_at = time.time()
         self.submitted_at = 0.0
         self.started_at = 0.0
@@ -65,19 +72,29 @@ class Task:
         return len(self.output_tokens)
 
     @property
-    def prefill_done(self) -> bool:
-        return self.num_prefilled >= len(self.prompt_tokens)
+    def num_history(self) -> int:
+        """Tokens of the sequence so far: the prompt and everything generated."""
+        return len(self.prompt_tokens) + len(self.output_tokens)
+
+    def pending(self) -> list[int]:
+        """Tokens to feed before the next sample: the whole prompt at first, then the
+        last generated token each step (and after a preemption that dropped the KV,
+        everything again)."""
+        return (self.prompt_tokens + self.output_tokens)[self.num_cached :]
+
+    @property
+    def num_prompt_cached(self) -> int:
+        return min(self.num_cached, len(self.prompt_tokens))
 
     @property
     def kv_cells(self) -> int:
         """Cells this task's sequence holds in the KV cache now."""
-        if self.seq is None:
-            return 0
-        return self.num_prefilled + max(0, self.num_generated - 1)
+        return self.num_cached if self.seq is not None else 0
 
     @property
-    def next_pos(self) -> int:
-        return self.kv_cells
+    def waited_total_s(self) -> float:
+        now = time.time()
+        return self.waited_s + (now - self.waiting_since if self.waiting_since else 0.0)
 
     # -- waking readers ------------------------------------------------------------
 
@@ -98,14 +115,28 @@ class Task:
         self.prompt_tokens = tokens
         self.config.fix_seed()
         self.state = State.QUEUED
-        self.submitted_at = time.time()
+        self.submitted_at = self.waiting_since = time.time()
         self.notify()
 
     def start(self, seq: int, kv_reserved: int) -> None:
+        now = time.time()
         self.seq = seq
         self.kv_reserved = kv_reserved
         self.state = State.RUNNING
-        self.started_at = time.time()
+        self.started_at = self.started_at or now
+        if self.waiting_since:
+            self.waited_s += now - self.waiting_since
+            self.waiting_since = 0.0
+        self.processed_at_start = self.num_processed
+        self.notify()
+
+    def preempt(self, keep_kv: bool) -> None:
+        """Back to waiting; the scheduler has taken its sequence slot and cells."""
+        self.state = State.PREEMPTED
+        self.num_preempted += 1
+        self.waiting_since = time.time()
+        if not keep_kv:
+            self.num_cached = 0
         self.notify()
 
     def finish(self, state: State, reason: str, error: str = "") -> None:
@@ -120,6 +151,10 @@ class Task:
         if error:
             self.error = error
         self.finished_at = time.time()
+        if self.waiting_since:
+            self.waited_s += self.finished_at - self.waiting_since
+            self.waiting_since = 0.0
+        self.saved = None
         self.notify()
 
     # -- generated tokens ------------------------------------------------------------

@@ -56,6 +56,18 @@ class ModelInfo:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class SeqState:
+    """A sequence set aside: its sampler (with its random state) and, when kept, its KV.
+
+    ``kv`` is opaque to everyone but the driver that made it; ``kv_bytes`` is its size.
+    """
+
+    sampler: object
+    kv: object | None
+    kv_bytes: int
+
+
 @dataclass(slots=True, frozen=True)
 class ContextShape:
     """The shape of the runtime context a driver opened."""
@@ -85,6 +97,15 @@ class Driver(Protocol):
     def open_seq(self, seq: int, sampling: Sampling) -> None: ...
 
     def close_seq(self, seq: int) -> None: ...
+
+    def save_seq(self, seq: int, keep_kv: bool) -> SeqState:
+        """Take sequence ``seq`` out of the context (its slot is then free), keeping its
+        sampler and, with ``keep_kv``, a copy of its KV cells."""
+        ...
+
+    def restore_seq(self, seq: int, state: SeqState) -> None:
+        """Put a saved sequence back, into slot ``seq`` (which may differ from before)."""
+        ...
 
     def step(self, pieces: list[Piece]) -> dict[int, int]:
         """Run one batch; return the sampled token for every piece with ``sample``."""

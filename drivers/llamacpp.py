@@ -18,12 +18,21 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
-from drivers.base import ContextShape, DriverError, ModelInfo, ModelLoadError, Piece, Sampling
+from drivers.base import (
+    ContextShape,
+    DriverError,
+    ModelInfo,
+    ModelLoadError,
+    Piece,
+    Sampling,
+    SeqState,
+)
 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
-_LEVELS = {2: logging.ERROR, 3: logging.WARNING, 4: logging.INFO, 5: logging.DEBUG}
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
+_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 
 # llama.cpp logs through one process-wide callback; the last lines are kept so that a
 # failed load can say what llama.cpp said.
@@ -223,6 +232,32 @@ class LlamaCppDriver:
         chain = self._samplers.pop(seq, None)
         if chain is not None:
             lc.llama_sampler_free(chain)
+
+    def save_seq(self, seq: int, keep_kv: bool) -> SeqState:
+        kv = None
+        size = 0
+        if keep_kv:
+            size = lc.llama_state_seq_get_size(self._ctx, seq)
+            kv = (ctypes.c_uint8 * size)()
+            if lc.llama_state_seq_get_data(self._ctx, kv, size, seq) != size:
+                raise DriverError(f"llama.cpp could not save sequence {seq}")
+        sampler: object = "greedy" if seq in self._greedy else self._samplers.pop(seq)
+        self._greedy.discard(seq)
+        lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        return SeqState(sampler=sampler, kv=kv, kv_bytes=size)
+
+    def restore_seq(self, seq: int, state: SeqState) -> None:
+        self.close_seq(seq)
+        if state.kv is not None:
+            kv = state.kv
+            if not isinstance(kv, ctypes.Array):
+                raise DriverError("saved state is not from this driver")
+            if lc.llama_state_seq_set_data(self._ctx, kv, state.kv_bytes, seq) == 0:
+                raise DriverError(f"llama.cpp could not restore a sequence into slot {seq}")
+        if state.sampler == "greedy":
+            self._greedy.add(seq)
+        else:
+            self._samplers[seq] = state.sampler  # type: ignore[assignment]
 
     # -- the step ------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from drivers.base import ContextShape, DriverError, ModelInfo, Piece, Sampling
+from drivers.base import ContextShape, DriverError, ModelInfo, Piece, Sampling, SeqState
 
 EOG = 0
 
@@ -30,6 +30,7 @@ class FakeDriver:
         self.open: dict[int, Sampling] = {}
         self.positions: dict[int, int] = {}  # next position each sequence expects
         self.fail_next: str | None = None
+        self.saves = self.restores = 0
 
     def tokenize(self, text: str) -> list[int]:
         return [ord(c) for c in text]
@@ -47,6 +48,17 @@ class FakeDriver:
     def close_seq(self, seq: int) -> None:
         self.open.pop(seq, None)
         self.positions.pop(seq, None)
+
+    def save_seq(self, seq: int, keep_kv: bool) -> SeqState:
+        state = SeqState(sampler=self.open.pop(seq), kv=self.positions.pop(seq) if keep_kv else None,
+                         kv_bytes=2 * self.positions.get(seq, 0))
+        self.saves += 1
+        return state
+
+    def restore_seq(self, seq: int, state: SeqState) -> None:
+        self.open[seq] = state.sampler  # type: ignore[assignment]
+        self.positions[seq] = state.kv if isinstance(state.kv, int) else 0
+        self.restores += 1
 
     def step(self, pieces: list[Piece]) -> dict[int, int]:
         if self.fail_next:

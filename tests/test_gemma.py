@@ -28,7 +28,7 @@ def test_echo_hello_then_cat_prints_generated_text(gemma: Mount) -> None:
     status = gemma.status(task)
     assert status["state"] == "done" and status["model"] == "gemma-3-270m-q4_k_m"
     assert int(status["generated_tokens"]) > 0
-    assert out.strip() and out.encode() == (gemma.path / f"tasks/{task}/stream").read_bytes()
+    assert out.strip() and out == (gemma.path / f"tasks/{task}/stream").read_text()
 
 
 def test_greedy_continuation_is_sensible(gemma: Mount) -> None:

@@ -95,7 +95,7 @@ async def test_decode_steps_batch_every_running_task() -> None:
 async def test_long_prompt_prefill_is_chunked_and_running_streams_keep_flowing() -> None:
     driver = FakeDriver(n_batch=8, n_ctx=4096)
     k = Kernel(driver)
-    short = await submit(k, "a", max_tokens=20)
+    short = await submit(k, "a", max_tokens=2000)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(k.run)
         with trio.fail_after(5):

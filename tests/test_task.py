@@ -10,7 +10,7 @@ def running(**config: object) -> Task:
     task = Task("1", 0, 0, TaskConfig(model="m", **config))  # type: ignore[arg-type]
     task.submit("p", [1, 2])
     task.start(0, 100)
-    task.num_prefilled = 2
+    task.num_cached = 2
     return task
 
 
@@ -74,13 +74,19 @@ def test_context_limit_ends_with_reason_context() -> None:
     assert (task.state, task.finish_reason) == (State.DONE, "context")
 
 
-def test_kv_cells_count_the_prompt_and_fed_tokens() -> None:
-    task = running()
-    assert task.kv_cells == 2
-    feed(task, b"a")  # sampled, not yet fed
-    assert task.kv_cells == 2
+def test_pending_is_the_prompt_then_the_last_token_then_all_after_dropping_kv() -> None:
+    task = Task("1", 0, 0, TaskConfig(model="m"))
+    task.submit("p", [1, 2, 3])
+    task.start(0, 100)
+    assert task.pending() == [1, 2, 3]
+    task.num_cached = 3
+    feed(task, b"a")
+    assert task.pending() == [100] and task.kv_cells == 3
+    task.num_cached = 4
     feed(task, b"b")
-    assert task.kv_cells == 3
+    task.preempt(keep_kv=False)
+    assert task.state is State.PREEMPTED and task.num_preempted == 1
+    assert task.pending() == [1, 2, 3, 100, 100]  # feed() numbers tokens from 100 each call
 
 
 def test_notify_wakes_a_waiter_taken_before_the_change() -> None:
