@@ -50,7 +50,7 @@ class Costs:
 
 class Scheduler:
     def __init__(self, kv: KVSpace, n_batch: int, policy: Policy, prefill_chunk: int = 256,
-                 min_turn: int = 16) -> None:
+                 min_turn: int = 4) -> None:
         self.kv = kv
         self.n_batch = n_batch
         self.policy = policy

@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all)")
     m.add_argument("--repack", choices=["auto", "on", "off"], default="auto",
                    help="llama.cpp's repacked weight layouts (auto: on unless the CPU has AMX)")
+    m.add_argument("--policy", choices=["fair", "fifo"], default="fair",
+                   help="scheduling: fair shares per user and priority, or first come first served")
     m.add_argument("--allow-other", action="store_true", help="let other users in")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -120,7 +122,7 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
     opts = MountOptions(mountpoint=mountpoint, model=model, state_dir=state_dir, n_ctx=args.ctx,
                         slots=args.slots, n_batch=args.batch, threads=args.threads,
                         repack={"auto": None, "on": True, "off": False}[args.repack],
-                        allow_other=args.allow_other)
+                        policy=args.policy, allow_other=args.allow_other)
     try:
         return serve(opts, ready)
     finally:
@@ -134,7 +136,7 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
     argv = [sys.executable, "-m", "mount.cli", "mount", str(mountpoint), "--foreground",
             "--model", str(model), "--state-dir", str(state_dir), "--ctx", str(args.ctx),
             "--slots", str(args.slots), "--batch", str(args.batch),
-            "--repack", args.repack, "--log-level", args.log_level,
+            "--repack", args.repack, "--policy", args.policy, "--log-level", args.log_level,
             "--ready-fd", str(write_end)]
     if args.threads:
         argv += ["--threads", str(args.threads)]

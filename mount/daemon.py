@@ -44,6 +44,7 @@ class MountOptions:
     n_batch: int = 512
     threads: int | None = None
     repack: bool | None = None  # None: llama.cpp's repacked weights unless the CPU has AMX
+    policy: str = "fair"
     allow_other: bool = False
 
 
@@ -84,7 +85,7 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
         ready(f"error: {e}")
         return 1
     try:
-        kernel = Kernel(driver)
+        kernel = Kernel(driver, policy=opts.policy)
         ops = Operations(kernel)
         options = set(pyfuse3.default_options) | {"fsname=axfs", "subtype=axfs"}
         if opts.allow_other:

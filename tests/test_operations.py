@@ -128,7 +128,8 @@ async def test_readdir_lists_the_tree(ops: Operations, monkeypatch: pytest.Monke
     monkeypatch.setattr(pyfuse3, "readdir_reply",
                         lambda token, name, attrs, next_id: seen.append(name) or True)
     await write_file(ops, "tasks/new", b"a")
-    for path, names in [("", {b"README", b"models", b"tasks", b"memory", b"trace", b"devices"}),
+    for path, names in [("", {b"README", b"models", b"tasks", b"memory", b"sched", b"trace",
+                              b"devices"}),
                         ("tasks", {b"new", b"latest", b"1"}),
                         ("tasks/1", {b"prompt", b"stream", b"status", b"config", b"ctl",
                                      b"error"}),

@@ -78,8 +78,8 @@ class Node:
 ROOT = Node("root")
 TASKS = Node("tasks")
 MODELS = Node("models")
-ROOT_FILES = {"README": Node("readme"), "memory": Node("memory"), "trace": Node("trace"),
-              "devices": Node("devices")}
+ROOT_FILES = {"README": Node("readme"), "memory": Node("memory"), "sched": Node("sched"),
+              "trace": Node("trace"), "devices": Node("devices")}
 ROOT_DIRS = {"models": MODELS, "tasks": TASKS}
 
 
@@ -212,7 +212,7 @@ class Operations(pyfuse3.Operations):
             task = self._task(node)
             a.st_uid, a.st_gid = task.uid, task.gid
             mtime = int(task.updated_at * 1e9)
-        elif node.kind in ("memory", "trace", "devices"):
+        elif node.kind in ("memory", "sched", "trace", "devices"):
             mtime = time.time_ns()
         if node is TASKS:
             mode = stat.S_IFDIR | 0o1777  # anyone may mkdir a task; sticky, like /tmp
@@ -237,6 +237,8 @@ class Operations(pyfuse3.Operations):
             return views.TREE_README.encode()
         if kind == "memory":
             return views.memory(self.kernel).encode()
+        if kind == "sched":
+            return views.sched(self.kernel).encode()
         if kind == "devices":
             return devices.render().encode()
         if kind == "trace":
@@ -402,7 +404,8 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        if node.kind not in ("readme", "memory", "trace", "devices", "new", "model_info", "task_file"):
+        if node.kind not in ("readme", "memory", "sched", "trace", "devices", "new", "model_info",
+                             "task_file"):
             raise _fail(errno.EISDIR)
         task = self._task(node) if node.kind == "task_file" else None
         writing = flags & os.O_ACCMODE != os.O_RDONLY

@@ -29,14 +29,15 @@ tasks/new            write a prompt -> a new task is queued; read the same open 
 tasks/latest         symlink to your newest task
 tasks/ID/prompt      the prompt as submitted (for a mkdir'ed draft: write it to submit)
 tasks/ID/stream      the generated text; a read waits for more text or the end (EOF)
-tasks/ID/status      state (draft queued running done failed killed) and counters,
+tasks/ID/status      state (draft queued running preempted done failed killed) and counters,
                      one "key value" per line
 tasks/ID/config      parameters, "key value" lines: model max_tokens temperature top_k
                      top_p seed stop priority; writable until the task starts
-tasks/ID/ctl         write "kill" or "priority N"
+tasks/ID/ctl         write "kill" or "priority N" (a weight, 1-10000, default 100)
 tasks/ID/error       why the task failed or why the last write to it was refused
 rm -r tasks/ID       kill the task if it runs and remove it
 memory               the KV cache, like /proc/meminfo
+sched                the scheduler: policy, queue, batch, each user's share and use
 trace                one line per scheduler event; tail -f follows it
 devices              CPU and NVIDIA GPUs
 
@@ -102,6 +103,41 @@ def memory(kernel: Kernel) -> str:
     ]
     width = max(len(k) for k, _ in rows) + 1
     return "".join(f"{k + ':':<{width}} {v:>16}\n" for k, v in rows)
+
+
+def sched(kernel: Kernel) -> str:
+    """The scheduler's policy and state, ``key value`` lines; users as user.UID.KEY."""
+    s = kernel.scheduler
+    tasks = [t for t in kernel.tasks.values() if t.state.value in ("queued", "running", "preempted")]
+    users = s.policy.users()
+    active = {t.uid for t in tasks}
+    total_weight = sum(w for uid, (w, _) in users.items() if uid in active) or 1.0
+    total_tokens = sum(n for _, n in users.values()) or 1.0
+    rows: list[tuple[str, object]] = [
+        ("policy", s.policy.name),
+        ("runnable", len(tasks)),
+        ("running", len(s.running)),
+        ("waiting", len(s.waiting)),
+        ("slots", kernel.kv.slots),
+        ("batch_size", s.last_batch),
+        ("n_batch", s.n_batch),
+        ("prefill_chunk", s.prefill_chunk),
+        ("min_turn_tokens", s.min_turn),
+        ("preemptions", s.num_preemptions),
+        ("steps", kernel.engine.num_steps),
+        ("tokens", kernel.engine.num_tokens),
+    ]
+    for uid, (weight, tokens) in sorted(users.items()):
+        mine = [t for t in tasks if t.uid == uid]
+        rows += [
+            (f"user.{uid}.weight", f"{weight:g}"),
+            (f"user.{uid}.share", f"{weight / total_weight:.3f}" if uid in active else "0"),
+            (f"user.{uid}.use", f"{tokens / total_tokens:.3f}"),
+            (f"user.{uid}.tokens", f"{tokens:g}"),
+            (f"user.{uid}.running", sum(1 for t in mine if t.seq is not None)),
+            (f"user.{uid}.waiting", sum(1 for t in mine if t.seq is None)),
+        ]
+    return "".join(f"{k} {v}\n" for k, v in rows)
 
 
 def model_info(info: ModelInfo, loaded: bool, default: bool) -> str:
