@@ -140,14 +140,18 @@ def test_a_blocked_reader_dies_promptly(ax: Mount, sig: signal.Signals) -> None:
                                f"{ax.path}/tasks/{blocker}/stream > /dev/null"])
     reader2 = subprocess.Popen(["cat", f"{ax.path}/tasks/{blocker}/stream"],
                                stdout=subprocess.DEVNULL)
-    time.sleep(0.5)
-    assert reader2.poll() is None
-    start = time.monotonic()
-    reader2.send_signal(sig)
-    reader2.wait(timeout=5)
-    assert time.monotonic() - start < 1.0
-    reader.kill()
-    reader.wait(timeout=5)
+    try:
+        time.sleep(0.5)
+        assert reader.poll() is None and reader2.poll() is None
+        for r in (reader, reader2):  # one waits in a blocked read, one reads a live stream
+            start = time.monotonic()
+            r.send_signal(sig)
+            r.wait(timeout=5)
+            assert time.monotonic() - start < 1.0
+    finally:
+        for r in (reader, reader2):
+            r.kill()
+            r.wait(timeout=5)
     ax.sh(f"echo kill > tasks/{blocker}/ctl")
 
 
