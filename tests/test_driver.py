@@ -34,10 +34,11 @@ def test_tokenize_adds_bos_and_pieces_round_trip(driver: LlamaCppDriver) -> None
     assert driver.is_eog(EOS_ID) and not driver.is_eog(tokens[1])
 
 
-def greedy(driver: LlamaCppDriver, seqs: list[int], prompt: list[int], steps: int
-           ) -> dict[int, list[int]]:
+def decode(driver: LlamaCppDriver, seqs: list[int], prompt: list[int], steps: int,
+           sampling: Sampling | None = None) -> dict[int, list[int]]:
+    """Prefill ``prompt`` into each of ``seqs`` and decode ``steps`` more tokens, batched."""
     for s in seqs:
-        driver.open_seq(s, Sampling(temperature=0))
+        driver.open_seq(s, sampling or Sampling(temperature=0))
     out = driver.step([Piece(s, prompt, 0, True) for s in seqs])
     got = {s: [out[s]] for s in seqs}
     for i in range(steps):
@@ -51,24 +52,41 @@ def greedy(driver: LlamaCppDriver, seqs: list[int], prompt: list[int], steps: in
 
 def test_sequences_in_one_batch_decode_independently(driver: LlamaCppDriver) -> None:
     prompt = driver.tokenize("hello world")
-    together = greedy(driver, [0, 1, 2], prompt, 10)
+    together = decode(driver, [0, 1, 2], prompt, 10)
     assert together[0] == together[1] == together[2]
     assert len(set(together[0])) > 1
 
 
 def test_greedy_fast_path_matches_llama_cpp_sampling_with_top_k_1(driver: LlamaCppDriver) -> None:
     prompt = driver.tokenize("the quick brown")
-    runs = []
-    for sampling in (Sampling(temperature=0), Sampling(temperature=1.0, top_k=1, seed=3)):
-        driver.open_seq(0, sampling)
-        out = driver.step([Piece(0, prompt, 0, True)])
-        tokens = [out[0]]
-        for i in range(12):
-            out = driver.step([Piece(0, [tokens[-1]], len(prompt) + i, True)])
-            tokens.append(out[0])
-        driver.close_seq(0)
-        runs.append(tokens)
-    assert runs[0] == runs[1]
+    fast = decode(driver, [0], prompt, 12, Sampling(temperature=0))
+    chain = decode(driver, [0], prompt, 12, Sampling(temperature=1.0, top_k=1, seed=3))
+    assert fast == chain
+
+
+def test_seeded_sampling_repeats(driver: LlamaCppDriver) -> None:
+    prompt = driver.tokenize("once")
+    sampling = Sampling(temperature=1.0, top_k=0, top_p=1.0, seed=42)
+    assert decode(driver, [0], prompt, 15, sampling) == decode(driver, [0], prompt, 15, sampling)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_save_and_restore_into_another_slot_continues_exactly(driver: LlamaCppDriver,
+                                                              greedy: bool) -> None:
+    sampling = Sampling(temperature=0) if greedy else Sampling(temperature=1.0, top_k=0, seed=9)
+    prompt = driver.tokenize("the first word")
+    whole = decode(driver, [0], prompt, 20, sampling)[0]
+    driver.open_seq(0, sampling)
+    tokens = [driver.step([Piece(0, prompt, 0, True)])[0]]
+    for i in range(8):
+        tokens.append(driver.step([Piece(0, [tokens[-1]], len(prompt) + i, True)])[0])
+    state = driver.save_seq(0, keep_kv=True)
+    assert state.kv_bytes > 0
+    driver.restore_seq(2, state)
+    for i in range(8, 20):
+        tokens.append(driver.step([Piece(2, [tokens[-1]], len(prompt) + i, True)])[2])
+    driver.close_seq(2)
+    assert tokens == whole
 
 
 def test_a_step_over_n_batch_is_refused_not_aborted(driver: LlamaCppDriver) -> None:
@@ -81,21 +99,6 @@ def test_a_step_over_n_batch_is_refused_not_aborted(driver: LlamaCppDriver) -> N
 def test_sequence_outside_the_slots_is_refused(driver: LlamaCppDriver) -> None:
     with pytest.raises(DriverError):
         driver.open_seq(4, Sampling())
-
-
-def test_seeded_sampling_repeats(driver: LlamaCppDriver) -> None:
-    prompt = driver.tokenize("once")
-    runs = []
-    for _ in range(2):
-        driver.open_seq(0, Sampling(temperature=1.0, top_k=0, top_p=1.0, seed=42))
-        out = driver.step([Piece(0, prompt, 0, True)])
-        tokens = [out[0]]
-        for i in range(15):
-            out = driver.step([Piece(0, [tokens[-1]], len(prompt) + i, True)])
-            tokens.append(out[0])
-        driver.close_seq(0)
-        runs.append(tokens)
-    assert runs[0] == runs[1]
 
 
 def test_not_a_gguf_is_refused_before_llama_cpp(tmp_path: Path) -> None:
