@@ -206,7 +206,7 @@ class Operations(pyfuse3.Operations):
             mode, size = stat.S_IFLNK | 0o777, len(latest.id) if latest else 0
             a.st_nlink = 1
         else:
-            mode, size = stat.S_IFREG | self._file_mode(node), len(self._content(node, uid))
+            mode, size = stat.S_IFREG | self._file_mode(node), self._size(node, uid)
             a.st_nlink = 1
         if node.kind in ("task", "task_file"):
             task = self._task(node)
@@ -231,7 +231,8 @@ class Operations(pyfuse3.Operations):
         return 0o444
 
     def _content(self, node: Node, uid: int) -> bytes:
-        """The current bytes of a regular file (the stream's and trace's too)."""
+        """The current bytes of a snapshot file (not the stream's or the trace's: they
+        are read live)."""
         kind = node.kind
         if kind == "readme":
             return views.TREE_README.encode()
@@ -241,8 +242,6 @@ class Operations(pyfuse3.Operations):
             return views.sched(self.kernel).encode()
         if kind == "devices":
             return devices.render().encode()
-        if kind == "trace":
-            return b""  # read live from the ring; size comes from the trace itself
         if kind == "new":
             return b""
         if kind == "model_info":
@@ -250,8 +249,6 @@ class Operations(pyfuse3.Operations):
             return views.model_info(info, loaded=True, default=True).encode()
         task = self._task(node)
         f = node.file
-        if f == "stream":
-            return bytes(task.output)
         if f == "prompt":
             return task.prompt.encode()
         if f == "status":
@@ -265,11 +262,12 @@ class Operations(pyfuse3.Operations):
         raise _fail(errno.ENOENT)
 
     def _size(self, node: Node, uid: int) -> int:
+        """A regular file's size now, without copying a stream or rendering the trace."""
         if node.kind == "trace":
             return self.kernel.trace.size
         if node.kind == "task_file" and node.file == "stream":
             return len(self._task(node).output)
-        return -1
+        return len(self._content(node, uid))
 
     # -- lookups -------------------------------------------------------------------
 
@@ -279,18 +277,11 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         text = os.fsdecode(name)
         node = parent if text == "." else self._child(parent, text, ctx.uid)
-        return self._getattr(node, ctx.uid)
-
-    def _getattr(self, node: Node, uid: int) -> pyfuse3.EntryAttributes:
-        attrs = self._attrs(node, uid)
-        size = self._size(node, uid)
-        if size >= 0:
-            attrs.st_size = size
-        return attrs
+        return self._attrs(node, ctx.uid)
 
     @_boundary
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._getattr(self._node(inode), ctx.uid)
+        return self._attrs(self._node(inode), ctx.uid)
 
     @_boundary
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -303,7 +294,7 @@ class Operations(pyfuse3.Operations):
         if not (writable and only_truncate) and (fields.update_size or fields.update_mode
                                                  or fields.update_uid or fields.update_gid):
             raise _fail(errno.EPERM)
-        return self._getattr(node, ctx.uid)
+        return self._attrs(node, ctx.uid)
 
     @_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -332,7 +323,7 @@ class Operations(pyfuse3.Operations):
             name, node = entries[i]
             if not self._exists(node):
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._getattr(node, uid), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(node, uid), i + 1):
                 break
 
     @_boundary
@@ -346,7 +337,7 @@ class Operations(pyfuse3.Operations):
         if self._node(parent_inode) is not TASKS:
             raise _fail(errno.EPERM)
         task = self.kernel.create(ctx.uid, ctx.gid, os.fsdecode(name))
-        return self._getattr(Node("task", task.id), ctx.uid)
+        return self._attrs(Node("task", task.id), ctx.uid)
 
     @_boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
