@@ -16,11 +16,12 @@ import trio
 from axfs.scheduler import Scheduler, StepPlan
 from axfs.task import State, Task
 from axfs.trace import Trace
-from drivers.base import Driver, DriverError, SeqState
+from drivers.base import Driver, DriverError, SeqState, StepAborted
 
 log = logging.getLogger(__name__)
 
 EMA = 0.2  # weight of a new measurement in the scheduler's cost estimates
+ABORT_GAP_S = 1.0  # at most one step aborted for a newcomer in this long
 
 
 @dataclass(slots=True)
@@ -31,6 +32,7 @@ class StepResult:
     restore_s: float = 0.0
     restored_bytes: int = 0
     step_s: float = 0.0
+    aborted: bool = False
 
 
 class Engine:
@@ -42,6 +44,9 @@ class Engine:
         self._to_close: list[int] = []  # freed sequence slots to clear before the next step
         self.num_steps = 0
         self.num_tokens = 0
+        self.num_aborted = 0
+        self._stepping = False
+        self._last_abort = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -49,6 +54,11 @@ class Engine:
     def add(self, task: Task) -> None:
         self.scheduler.add(task)
         self.wake()
+        now = time.monotonic()
+        if self._stepping and self.scheduler.is_newcomer(task) and now - self._last_abort > ABORT_GAP_S:
+            # A user with nothing running should not wait for a whole batch step.
+            self._last_abort = now
+            self.driver.abort()
 
     def end(self, task: Task, state: State, reason: str, error: str = "") -> None:
         """Finish ``task`` (if it is not already) and give back its place in the model."""
@@ -61,6 +71,7 @@ class Engine:
 
     async def run(self) -> None:
         while True:
+            self.driver.abort(False)
             plan = self.scheduler.schedule()
             if plan.empty and not self._to_close:
                 await self._wake.wait()
@@ -73,6 +84,7 @@ class Engine:
                 self.trace.emit("admit", task.id, task.uid, seq=task.seq, kv_cells=task.kv_reserved,
                                 resumed="yes" if task.saved else "no")
             closed, self._to_close = self._to_close, []
+            self._stepping = True
             try:
                 result = await trio.to_thread.run_sync(self._run, plan, closed)
             except DriverError as e:
@@ -81,6 +93,8 @@ class Engine:
                     self.trace.emit("error", task.id, task.uid, reason=str(e))
                     self.end(task, State.FAILED, "error", f"model error: {e}")
                 continue
+            finally:
+                self._stepping = False
             self._apply(plan, result)
 
     def _run(self, plan: StepPlan, closed: list[int]) -> StepResult:
@@ -105,20 +119,26 @@ class Engine:
                 self.driver.open_seq(task.seq, task.config.sampling())
         result.restore_s = time.perf_counter() - start
         start = time.perf_counter()
-        if plan.pieces:
-            result.sampled = self.driver.step(plan.pieces)
+        try:
+            result.sampled = self.driver.step(plan.pieces) if plan.pieces else {}
+        except StepAborted:
+            result.aborted = True
         result.step_s = time.perf_counter() - start
         return result
 
     def _apply(self, plan: StepPlan, result: StepResult) -> None:
-        self.num_steps += 1
-        self.num_tokens += plan.num_tokens
-        self._learn(plan, result)
         for task, _, _ in plan.preempted:
             task.saved = result.saved.get(task.id)
         for task in plan.admitted:
             if isinstance(task.saved, SeqState):
                 task.saved = None
+        self._learn(plan, result)
+        if result.aborted:
+            self.num_aborted += 1
+            self.trace.emit("abort_step", tokens=plan.num_tokens, ms=round(result.step_s * 1000, 1))
+            return
+        self.num_steps += 1
+        self.num_tokens += plan.num_tokens
         for piece in plan.pieces:
             task = plan.owners[piece.seq]
             if task.finished or task.seq != piece.seq:
@@ -154,6 +174,6 @@ class Engine:
             costs.restore_s_per_byte += EMA * (result.restore_s / result.restored_bytes
                                                - costs.restore_s_per_byte)
         prefill = sum(len(p.tokens) for p in plan.pieces if len(p.tokens) > 1)
-        if prefill >= 32 and result.step_s > 0:
+        if prefill >= 32 and result.step_s > 0 and not result.aborted:
             costs.prefill_s_per_token += EMA * (result.step_s / plan.num_tokens
                                                 - costs.prefill_s_per_token)

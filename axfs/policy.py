@@ -24,6 +24,9 @@ USER_WEIGHT = 100.0
 
 class Policy(Protocol):
     name: str
+    # Whether a user with nothing running gets their first token at once: the step in
+    # flight is aborted and their prompt's last chunk runs in a step of its own.
+    boosts_newcomers: bool
 
     def order(self, tasks: list[Task]) -> list[Task]:
         """``tasks``, best claim first."""
@@ -51,6 +54,7 @@ class _User:
 
 class FifoPolicy:
     name = "fifo"
+    boosts_newcomers = False
 
     def __init__(self) -> None:
         self._tokens: dict[int, int] = defaultdict(int)
@@ -70,6 +74,7 @@ class FifoPolicy:
 
 class FairPolicy:
     name = "fair"
+    boosts_newcomers = True
 
     def __init__(self) -> None:
         self._users: dict[int, _User] = {}

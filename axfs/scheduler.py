@@ -7,7 +7,8 @@ that have had their turn (``min_turn`` tokens since admission) are preempted to 
 room, but only when that makes enough room (check, then commit). Every admitted task
 with one token pending decodes it (continuous batching); the step's remaining token
 budget goes to prompt prefill in chunks, best ranked first, so a long prompt never
-stalls running streams.
+stalls running streams. Under the fair policy, the first token of a user who had
+nothing running comes from a step of its own (see Policy.boosts_newcomers).
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ class Scheduler:
             self._place(ranked, plan)
         budget = self.n_batch
         order = [t for t in ranked if t.seq is not None]
+        boosted = [t for t in order if self._boosted(t)]
+        if boosted:
+            for task in boosted:
+                self._add(plan, task, task.pending(), sample=True)
+            self.last_batch = len(plan.pieces)
+            return plan
         for task in order:
             pending = task.pending()
             if len(pending) == 1:
@@ -96,6 +103,17 @@ class Scheduler:
                 budget -= n
         self.last_batch = len(plan.pieces)
         return plan
+
+    def is_newcomer(self, task: Task) -> bool:
+        """A task whose user has nothing running while others do (see Policy)."""
+        return (self.policy.boosts_newcomers and bool(self.running)
+                and all(t.uid != task.uid for t in self.running if t is not task))
+
+    def _boosted(self, task: Task) -> bool:
+        """The first-token step of a newcomer: its prompt's last chunk, run alone."""
+        pending = len(task.pending())
+        return (not task.output_tokens and 1 < pending <= self.prefill_chunk
+                and self.is_newcomer(task))
 
     def charge(self, task: Task, tokens: int) -> None:
         task.num_processed += tokens

@@ -20,6 +20,10 @@ class ModelLoadError(DriverError):
     """The model file could not be loaded."""
 
 
+class StepAborted(DriverError):
+    """``abort`` stopped the step; the sequences are as they were before it."""
+
+
 @dataclass(slots=True, frozen=True)
 class Sampling:
     """How one sequence picks its next token. temperature 0 means greedy."""
@@ -109,6 +113,11 @@ class Driver(Protocol):
 
     def step(self, pieces: list[Piece]) -> dict[int, int]:
         """Run one batch; return the sampled token for every piece with ``sample``."""
+        ...
+
+    def abort(self, stop: bool = True) -> None:
+        """From another thread: make the step running now, or the next one, stop and
+        raise StepAborted; ``abort(False)`` withdraws the request."""
         ...
 
     def close(self) -> None: ...

@@ -26,6 +26,7 @@ from drivers.base import (
     Piece,
     Sampling,
     SeqState,
+    StepAborted,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,20 @@ def _init_backend() -> None:
             lc.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
             lc.llama_backend_init()
             _backend_ready = True
+
+
+def _abort_flag() -> tuple[ctypes.Array[ctypes.c_char], object]:
+    """A flag llama.cpp polls between graph nodes, and the callback that reads it.
+
+    The callback is libc's strlen on a two-byte buffer: it returns 1 once the first byte
+    is set and 0 before, so the check runs in C, with no Python call and no GIL taken
+    hundreds of times a step.
+    """
+    flag = ctypes.create_string_buffer(2)
+    strlen = ctypes.cast(ctypes.CDLL(None).strlen, ctypes.c_void_p).value
+    if strlen is None:
+        raise DriverError("libc's strlen was not found")
+    return flag, lc.ggml_abort_callback(strlen)
 
 
 def cpu_has_amx() -> bool:
@@ -127,6 +142,9 @@ class LlamaCppDriver:
         cparams.n_threads_batch = threads
         cparams.kv_unified = True
         cparams.no_perf = True
+        self._abort, self._abort_cb = _abort_flag()
+        cparams.abort_callback = self._abort_cb
+        cparams.abort_callback_data = ctypes.cast(self._abort, ctypes.c_void_p)
         ctx = lc.llama_init_from_model(model, cparams)
         if not ctx:
             lc.llama_model_free(model)
@@ -284,11 +302,16 @@ class LlamaCppDriver:
                 wanted.append((p.seq, i - 1))
         b.n_tokens = total
         rc = lc.llama_decode(self._ctx, b)
+        if rc == 2:
+            raise StepAborted("the step was aborted")
         if rc == 1:
             raise DriverError("the KV cache has no room for this step")
         if rc != 0:
             raise DriverError(f"llama_decode failed with code {rc}")
         return {seq: self._sample(seq, idx) for seq, idx in wanted}
+
+    def abort(self, stop: bool = True) -> None:
+        self._abort[0] = b"\1" if stop else b"\0"
 
     def _sample(self, seq: int, idx: int) -> int:
         if seq in self._greedy:

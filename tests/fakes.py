@@ -7,9 +7,18 @@ tests can predict every byte of a stream. Token 0 is the end-of-generation token
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
-from drivers.base import ContextShape, DriverError, ModelInfo, Piece, Sampling, SeqState
+from drivers.base import (
+    ContextShape,
+    DriverError,
+    ModelInfo,
+    Piece,
+    Sampling,
+    SeqState,
+    StepAborted,
+)
 
 EOG = 0
 
@@ -30,7 +39,9 @@ class FakeDriver:
         self.open: dict[int, Sampling] = {}
         self.positions: dict[int, int] = {}  # next position each sequence expects
         self.fail_next: str | None = None
-        self.saves = self.restores = 0
+        self.saves = self.restores = self.aborted = 0
+        self.aborting = False
+        self.step_delay = 0.0  # seconds a step takes per piece
 
     def tokenize(self, text: str) -> list[int]:
         return [ord(c) for c in text]
@@ -60,7 +71,16 @@ class FakeDriver:
         self.positions[seq] = state.kv if isinstance(state.kv, int) else 0
         self.restores += 1
 
+    def abort(self, stop: bool = True) -> None:
+        self.aborting = stop
+
     def step(self, pieces: list[Piece]) -> dict[int, int]:
+        deadline = time.monotonic() + self.step_delay * len(pieces)
+        while time.monotonic() < deadline and not self.aborting:
+            time.sleep(0.001)  # a slow step, longer the bigger the batch, as on a CPU
+        if self.aborting:
+            self.aborted += 1
+            raise StepAborted("aborted")
         if self.fail_next:
             message, self.fail_next = self.fail_next, None
             raise DriverError(message)

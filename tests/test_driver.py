@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.base import DriverError, ModelLoadError, Piece, Sampling
+from drivers.base import DriverError, ModelLoadError, Piece, Sampling, StepAborted
 from drivers.llamacpp import LlamaCppDriver
 from tests.tinymodel import BOS_ID, EOS_ID
 
@@ -106,3 +106,18 @@ def test_not_a_gguf_is_refused_before_llama_cpp(tmp_path: Path) -> None:
     bad.write_bytes(b"\0" * 64)
     with pytest.raises(ModelLoadError, match="not a GGUF file"):
         LlamaCppDriver(bad)
+
+
+def test_abort_stops_a_step_and_leaves_the_sequence_as_before(driver: LlamaCppDriver) -> None:
+    prompt = driver.tokenize("the first word")
+    whole = decode(driver, [0], prompt, 5)[0]
+    driver.open_seq(0, Sampling(temperature=0))
+    driver.abort()
+    with pytest.raises(StepAborted):
+        driver.step([Piece(0, prompt, 0, True)])
+    driver.abort(False)
+    tokens = [driver.step([Piece(0, prompt, 0, True)])[0]]  # the same positions again
+    for i in range(5):
+        tokens.append(driver.step([Piece(0, [tokens[-1]], len(prompt) + i, True)])[0])
+    driver.close_seq(0)
+    assert tokens == whole

@@ -142,3 +142,47 @@ async def test_sched_file_shows_policy_and_users(kernel1: Kernel) -> None:
     assert rows["policy"] == "fair" and rows["slots"] == "1" and rows["runnable"] == "2"
     assert rows["user.1.share"] == "0.500" and rows["user.2.weight"] == "100"
     assert int(rows["preemptions"]) >= 1
+
+
+async def test_a_newcomer_aborts_a_slow_step_and_gets_a_first_token_step_alone() -> None:
+    driver = FakeDriver(n_seq_max=4, n_ctx=1 << 20)
+    k = Kernel(driver)
+    hogs = [await start(k, 1) for _ in range(4)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.run)
+        await run_until(k, lambda: all(t.num_generated > 5 for t in hogs))
+        driver.step_delay = 0.25  # the four hogs' steps now take a second
+        await trio.sleep(0.1)  # one is under way
+        before = len(driver.steps)
+        started = trio.current_time()
+        guest = await start(k, 2, prompt="hello", max_tokens=3)
+        await run_until(k, lambda: guest.num_generated > 0, limit=3)
+        waited = trio.current_time() - started
+        driver.step_delay = 0.0
+        await run_until(k, lambda: guest.finished)
+        nursery.cancel_scope.cancel()
+    assert driver.aborted >= 1 and k.engine.num_aborted >= 1
+    assert waited < 1.0  # it did not wait for the step in flight
+    first_step = driver.steps[before]
+    assert [p.seq for p in first_step] == [guest_seq(k, guest, first_step)]
+    assert "abort_step" in k.trace.read(0, 1 << 22)[0].decode()
+
+
+def guest_seq(k: Kernel, guest: Task, step: list[object]) -> int:
+    """The sequence the guest's prompt was fed in: the only piece of its first step."""
+    pieces = [p for p in step if len(p.tokens) == len(guest.prompt_tokens)]  # type: ignore[attr-defined]
+    return int(pieces[0].seq)  # type: ignore[attr-defined]
+
+
+async def test_fifo_never_aborts_or_boosts() -> None:
+    driver = FakeDriver(n_seq_max=4, n_ctx=1 << 20)
+    k = Kernel(driver, policy="fifo")
+    hog = await start(k, 1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.run)
+        await run_until(k, lambda: hog.num_generated > 5)
+        guest = await start(k, 2, prompt="hello", max_tokens=3)
+        await run_until(k, lambda: guest.finished)
+        nursery.cancel_scope.cancel()
+    assert driver.aborted == 0
+    assert all(len(step) == 2 for step in driver.steps if any(p.seq == guest.seq for p in step))
