@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,3 +49,53 @@ def test_sched_file_through_the_mount(ax1: Mount) -> None:
     rows = dict(line.split(" ", 1) for line in ax1.read("sched").splitlines())
     assert rows["policy"] == "fair" and rows["slots"] == "1"
     assert int(rows["preemptions"]) >= 1 and "user.0.tokens" in rows
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """Two slots, other users let in: the way a shared machine mounts it."""
+    base = tmp_path_factory.mktemp("shared")
+    base.chmod(0o755)  # the second user reaches the mount point through it
+    done = mount(base / "mnt", tiny_model, base / "state", "--slots", "2", "--allow-other")
+    assert done.returncode == 0, done.stderr
+    yield Mount(base / "mnt", base / "state", tiny_model)
+    umount(base / "mnt")
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv")
+def test_a_second_user_is_not_starved_by_a_first_users_many_tasks(shared: Mount) -> None:
+    for i in range(6):
+        submit(shared, f"hog{i}", "the first word", max_tokens=20000)
+    shared.wait_state("hog1", "running")
+    done = shared.sh("setpriv --reuid=1000 --regid=1000 --clear-groups sh -c "
+                     "'mkdir tasks/guest && echo \"max_tokens 30\" > tasks/guest/config && "
+                     "echo hello > tasks/guest/prompt && cat tasks/guest/stream'", timeout=30)
+    assert done.stdout
+    status = shared.status("guest")
+    assert status["state"] == "done" and status["uid"] == "1000"
+    assert (shared.path / "tasks/guest").stat().st_uid == 1000
+    rows = dict(line.split(" ", 1) for line in shared.read("sched").splitlines())
+    assert rows["user.1000.weight"] == "100" and int(rows["preemptions"]) >= 1
+    assert all(shared.status(f"hog{i}")["state"] != "done" for i in range(6))
+    shared.sh("for i in 0 1 2 3 4 5; do echo kill > tasks/hog$i/ctl; done")
+
+
+@pytest.fixture(scope="module")
+def tight(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """A KV cache of 1,024 cells for 16 slots: admission is bounded by cells, not slots."""
+    base = tmp_path_factory.mktemp("tight")
+    done = mount(base / "mnt", tiny_model, base / "state", "--slots", "16", "--ctx", "1024")
+    assert done.returncode == 0, done.stderr
+    yield Mount(base / "mnt", base / "state", tiny_model)
+    umount(base / "mnt")
+
+
+def test_a_burst_of_100_tasks_all_complete_without_a_full_cache(tight: Mount) -> None:
+    shared = tight
+    shared.sh("for i in $(seq 100); do mkdir tasks/b$i && "
+              "echo \"max_tokens $((20 + i))\" > tasks/b$i/config && "
+              "echo \"burst task $i\" > tasks/b$i/prompt; done", timeout=120)
+    shared.sh("for i in $(seq 100); do cat tasks/b$i/stream > /dev/null; done", timeout=300)
+    states = [shared.status(f"b{i}")["state"] for i in range(1, 101)]
+    assert states == ["done"] * 100
+    assert " error " not in shared.read("trace")
