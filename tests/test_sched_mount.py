@@ -91,11 +91,10 @@ def tight(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def test_a_burst_of_100_tasks_all_complete_without_a_full_cache(tight: Mount) -> None:
-    shared = tight
-    shared.sh("for i in $(seq 100); do mkdir tasks/b$i && "
+    tight.sh("for i in $(seq 100); do mkdir tasks/b$i && "
               "echo \"max_tokens $((20 + i))\" > tasks/b$i/config && "
               "echo \"burst task $i\" > tasks/b$i/prompt; done", timeout=120)
-    shared.sh("for i in $(seq 100); do cat tasks/b$i/stream > /dev/null; done", timeout=300)
-    states = [shared.status(f"b{i}")["state"] for i in range(1, 101)]
+    tight.sh("for i in $(seq 100); do cat tasks/b$i/stream > /dev/null; done", timeout=300)
+    states = [tight.status(f"b{i}")["state"] for i in range(1, 101)]
     assert states == ["done"] * 100
-    assert " error " not in shared.read("trace")
+    assert " error " not in tight.read("trace")
