@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -81,12 +82,20 @@ def umount(path: Path) -> None:
     subprocess.run([*AXFS, "umount", str(path)], cwd=REPO, capture_output=True, timeout=60)
 
 
+@contextlib.contextmanager
+def mounted(base: Path, model: Path, *extra: str) -> Iterator[Mount]:
+    """A tree mounted at BASE/mnt with ``model`` and the ``axfs mount`` options ``extra``."""
+    done = mount(base / "mnt", model, base / "state", *extra)
+    assert done.returncode == 0, done.stderr
+    try:
+        yield Mount(base / "mnt", base / "state", model)
+    finally:
+        umount(base / "mnt")
+
+
 @pytest.fixture(scope="module")
 def ax(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     """A tree mounted with the tiny model, shared by a test module."""
-    base = tmp_path_factory.mktemp("ax")
-    path, state = base / "mnt", base / "state"
-    done = mount(path, tiny_model, state, "--ctx", str(TINY_CTX), "--slots", "16")
-    assert done.returncode == 0, done.stderr
-    yield Mount(path, state, tiny_model)
-    umount(path)
+    with mounted(tmp_path_factory.mktemp("ax"), tiny_model, "--ctx", str(TINY_CTX),
+                 "--slots", "16") as m:
+        yield m

@@ -8,18 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mount, mount, umount
+from tests.conftest import Mount, mounted
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
 
 
 @pytest.fixture(scope="module")
 def gemma(gemma_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-    base = tmp_path_factory.mktemp("gemma")
-    done = mount(base / "mnt", gemma_model, base / "state")
-    assert done.returncode == 0, done.stderr
-    yield Mount(base / "mnt", base / "state", gemma_model)
-    umount(base / "mnt")
+    with mounted(tmp_path_factory.mktemp("gemma"), gemma_model) as m:
+        yield m
 
 
 def test_echo_hello_then_cat_prints_generated_text(gemma: Mount) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mount, mount, umount
+from tests.conftest import Mount, mounted
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
 
@@ -17,11 +17,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev
 @pytest.fixture(scope="module")
 def ax1(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     """One sequence slot, so every step runs one task and preemption is the only way in."""
-    base = tmp_path_factory.mktemp("ax1")
-    done = mount(base / "mnt", tiny_model, base / "state", "--slots", "1", "--ctx", "4096")
-    assert done.returncode == 0, done.stderr
-    yield Mount(base / "mnt", base / "state", tiny_model)
-    umount(base / "mnt")
+    with mounted(tmp_path_factory.mktemp("ax1"), tiny_model, "--slots", "1", "--ctx", "4096") as m:
+        yield m
 
 
 def submit(ax: Mount, name: str, prompt: str, **config: object) -> None:
@@ -56,10 +53,8 @@ def shared(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """Two slots, other users let in: the way a shared machine mounts it."""
     base = tmp_path_factory.mktemp("shared")
     base.chmod(0o755)  # the second user reaches the mount point through it
-    done = mount(base / "mnt", tiny_model, base / "state", "--slots", "2", "--allow-other")
-    assert done.returncode == 0, done.stderr
-    yield Mount(base / "mnt", base / "state", tiny_model)
-    umount(base / "mnt")
+    with mounted(base, tiny_model, "--slots", "2", "--allow-other") as m:
+        yield m
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv")
@@ -83,11 +78,8 @@ def test_a_second_user_is_not_starved_by_a_first_users_many_tasks(shared: Mount)
 @pytest.fixture(scope="module")
 def tight(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     """A KV cache of 1,024 cells for 16 slots: admission is bounded by cells, not slots."""
-    base = tmp_path_factory.mktemp("tight")
-    done = mount(base / "mnt", tiny_model, base / "state", "--slots", "16", "--ctx", "1024")
-    assert done.returncode == 0, done.stderr
-    yield Mount(base / "mnt", base / "state", tiny_model)
-    umount(base / "mnt")
+    with mounted(tmp_path_factory.mktemp("tight"), tiny_model, "--slots", "16", "--ctx", "1024") as m:
+        yield m
 
 
 def test_a_burst_of_100_tasks_all_complete_without_a_full_cache(tight: Mount) -> None:
