@@ -81,20 +81,18 @@ class Scheduler:
         if self.waiting:
             self._place(ranked, plan)
         budget = self.n_batch
-        order = [t for t in ranked if t.seq is not None]
-        boosted = [t for t in order if self._boosted(t)]
+        pendings = [(t, t.pending()) for t in ranked if t.seq is not None]
+        boosted = [(t, p) for t, p in pendings if self._boosted(t, p)]
         if boosted:
-            for task in boosted:
-                self._add(plan, task, task.pending(), sample=True)
+            for task, pending in boosted:
+                self._add(plan, task, pending, sample=True)
             self.last_batch = len(plan.pieces)
             return plan
-        for task in order:
-            pending = task.pending()
+        for task, pending in pendings:
             if len(pending) == 1:
                 self._add(plan, task, pending, sample=True)
                 budget -= 1
-        for task in order:
-            pending = task.pending()
+        for task, pending in pendings:
             if budget <= 0:
                 break
             if len(pending) > 1:
@@ -109,10 +107,9 @@ class Scheduler:
         return (self.policy.boosts_newcomers and bool(self.running)
                 and all(t.uid != task.uid for t in self.running if t is not task))
 
-    def _boosted(self, task: Task) -> bool:
+    def _boosted(self, task: Task, pending: list[int]) -> bool:
         """The first-token step of a newcomer: its prompt's last chunk, run alone."""
-        pending = len(task.pending())
-        return (not task.output_tokens and 1 < pending <= self.prefill_chunk
+        return (not task.output_tokens and 1 < len(pending) <= self.prefill_chunk
                 and self.is_newcomer(task))
 
     def charge(self, task: Task, tokens: int) -> None:

@@ -80,7 +80,10 @@ class Task:
         """Tokens to feed before the next sample: the whole prompt at first, then the
         last generated token each step (and after a preemption that dropped the KV,
         everything again)."""
-        return (self.prompt_tokens + self.output_tokens)[self.num_cached :]
+        n_prompt = len(self.prompt_tokens)
+        if self.num_cached >= n_prompt:  # the usual case: no copy of the prompt
+            return self.output_tokens[self.num_cached - n_prompt :]
+        return self.prompt_tokens[self.num_cached :] + self.output_tokens
 
     @property
     def num_prompt_cached(self) -> int:
