@@ -86,8 +86,7 @@ def status(task: Task, cell_bytes: int) -> str:
 
 def memory(kernel: Kernel) -> str:
     kv = kernel.kv.stats()
-    tasks = kernel.tasks.values()
-    waiting = sum(1 for t in tasks if t.state.value == "queued")
+    waiting = len(kernel.scheduler.waiting)  # queued and preempted tasks
     rows = [
         ("KVCapacity", f"{kv.capacity_cells} cells"),
         ("KVCapacityBytes", f"{kv.capacity_cells * kv.cell_bytes // 1024} kB"),
