@@ -84,9 +84,10 @@ class Kernel:
         return task
 
     @staticmethod
-    def check_prompt_bytes(data: bytes) -> None:
-        """The checks a prompt can fail while it is being written."""
-        if len(data) > MAX_PROMPT_BYTES:
+    def check_prompt_bytes(data: bytes, before: int = 0) -> None:
+        """The checks a prompt can fail while it is being written: ``data`` is the newest
+        part of it, after ``before`` bytes already checked."""
+        if before + len(data) > MAX_PROMPT_BYTES:
             raise TooLarge(f"prompt is over {MAX_PROMPT_BYTES} bytes")
         if b"\0" in data:
             raise BadInput("prompt contains a NUL byte")

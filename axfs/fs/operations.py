@@ -469,7 +469,7 @@ class Operations(pyfuse3.Operations):
             if h.submitted is not None or (h.task and h.task.state is not State.DRAFT):
                 raise self.kernel.reject(h.uid, h.task, Busy("the prompt was already submitted"))
             try:
-                self.kernel.check_prompt_bytes(bytes(h.pending) + buf)
+                self.kernel.check_prompt_bytes(buf, before=len(h.pending))
             except AxfsError as e:
                 h.pending.clear()  # nothing of a refused prompt is submitted at close
                 raise self.kernel.reject(h.uid, h.task, e) from e
