@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import trio
 
 from axfs.scheduler import Scheduler, StepPlan
+from axfs.swap import SwapSpace
 from axfs.task import State, Task
 from axfs.trace import Trace
 from drivers.base import Driver, DriverError, SeqState, StepAborted
@@ -28,7 +29,8 @@ ABORT_GAP_S = 1.0  # at most one step aborted for a newcomer in this long
 class StepResult:
     sampled: dict[int, int] = field(default_factory=dict)  # seq -> token
     saved: dict[str, SeqState] = field(default_factory=dict)  # task id -> its saved state
-    save_s: float = 0.0
+    save_s: float = 0.0  # driver time only (writing to swap files is not counted)
+    saved_bytes: int = 0
     restore_s: float = 0.0
     restored_bytes: int = 0
     step_s: float = 0.0
@@ -36,16 +38,19 @@ class StepResult:
 
 
 class Engine:
-    def __init__(self, driver: Driver, scheduler: Scheduler, trace: Trace) -> None:
+    def __init__(self, driver: Driver, scheduler: Scheduler, trace: Trace,
+                 swap: SwapSpace | None = None) -> None:
         self.driver = driver
         self.scheduler = scheduler
         self.trace = trace
+        self.swap = swap or SwapSpace(512 << 20, None)
         self._wake = trio.Event()
         self._to_close: list[int] = []  # freed sequence slots to clear before the next step
         self.num_steps = 0
         self.num_tokens = 0
         self.num_aborted = 0
         self._stepping = False
+        self._inflight: set[int] = set()  # sequences of the step running now
         self._last_abort = 0.0
 
     def wake(self) -> None:
@@ -62,9 +67,13 @@ class Engine:
 
     def end(self, task: Task, state: State, reason: str, error: str = "") -> None:
         """Finish ``task`` (if it is not already) and give back its place in the model."""
+        if not task.finished:
+            self.swap.discard(task.saved)
         task.finish(state, reason, error)
-        seq = task.seq
-        self.scheduler.drop(task)
+        # Its sequence stays cached for later prompts unless its KV may be wrong: a failed
+        # step, or a step still running for it.
+        cache = state is not State.FAILED and task.seq not in self._inflight
+        seq = self.scheduler.drop(task, cache)
         if seq is not None:
             self._to_close.append(seq)
         self.wake()
@@ -80,11 +89,15 @@ class Engine:
             for task, _, keep in plan.preempted:
                 self.trace.emit("preempt", task.id, task.uid, cells=task.num_cached if keep else 0,
                                 keep_kv="yes" if keep else "no")
-            for task in plan.admitted:
+            for slot in plan.evicted:
+                self.trace.emit("evict", seq=slot)
+            for adm in plan.admissions:
+                task = adm.task
                 self.trace.emit("admit", task.id, task.uid, seq=task.seq, kv_cells=task.kv_reserved,
-                                resumed="yes" if task.saved else "no")
+                                prefix=adm.prefix, resumed="yes" if task.saved else "no")
             closed, self._to_close = self._to_close, []
             self._stepping = True
+            self._inflight = set(plan.owners)
             try:
                 result = await trio.to_thread.run_sync(self._run, plan, closed)
             except DriverError as e:
@@ -95,6 +108,7 @@ class Engine:
                 continue
             finally:
                 self._stepping = False
+                self._inflight = set()
             self._apply(plan, result)
 
     def _run(self, plan: StepPlan, closed: list[int]) -> StepResult:
@@ -103,20 +117,26 @@ class Engine:
         result = StepResult()
         start = time.perf_counter()
         for task, seq, keep in plan.preempted:
-            result.saved[task.id] = self.driver.save_seq(seq, keep)
-        result.save_s = time.perf_counter() - start
-        for seq in closed:
+            state = self.driver.save_seq(seq, keep)
+            result.save_s += time.perf_counter() - start
+            result.saved_bytes += state.kv_bytes
+            result.saved[task.id] = self.swap.put(task.id, state)
+            start = time.perf_counter()
+        for seq in closed + plan.evicted:
             self.driver.close_seq(seq)
         start = time.perf_counter()
-        for task in plan.admitted:
-            if task.seq is None:
-                continue
-            state = task.saved
-            if isinstance(state, SeqState):
-                self.driver.restore_seq(task.seq, state)
-                result.restored_bytes += state.kv_bytes
+        for adm in plan.admissions:
+            task, slot = adm.task, adm.slot
+            if adm.adopt:
+                self.driver.trim_seq(slot, adm.prefix)
+            elif adm.source is not None:
+                self.driver.copy_seq(adm.source, slot, adm.prefix)
+            if isinstance(task.saved, SeqState):
+                back = self.swap.take(task.saved)
+                self.driver.restore_seq(slot, back)
+                result.restored_bytes += back.kv_bytes
             else:
-                self.driver.open_seq(task.seq, task.config.sampling())
+                self.driver.open_seq(slot, task.config.sampling())
         result.restore_s = time.perf_counter() - start
         start = time.perf_counter()
         try:
@@ -129,9 +149,14 @@ class Engine:
     def _apply(self, plan: StepPlan, result: StepResult) -> None:
         for task, _, _ in plan.preempted:
             task.saved = result.saved.get(task.id)
+            where = self.swap.where(task.saved)
+            if where:
+                self.trace.emit("swap_out", task.id, task.uid, to=where,
+                                bytes=getattr(task.saved, "kv_bytes", 0))
         for task in plan.admitted:
-            if isinstance(task.saved, SeqState):
-                task.saved = None
+            if self.swap.where(task.saved):
+                self.trace.emit("swap_in", task.id, task.uid, cells=task.num_cached)
+            task.saved = None
         self._learn(plan, result)
         if result.aborted:
             self.num_aborted += 1
@@ -145,6 +170,7 @@ class Engine:
                 continue  # killed while the step ran
             prefill = len(piece.tokens) > 1 or task.num_cached < len(task.prompt_tokens)
             task.num_cached += len(piece.tokens)
+            self.scheduler.kv.grow(piece.seq, len(piece.tokens))
             self.scheduler.charge(task, len(piece.tokens))
             if prefill:
                 self.trace.emit("prefill", task.id, task.uid, tokens=len(piece.tokens),
@@ -167,9 +193,9 @@ class Engine:
     def _learn(self, plan: StepPlan, result: StepResult) -> None:
         """Refine the scheduler's cost estimates from what this step took."""
         costs = self.scheduler.costs
-        saved = sum(s.kv_bytes for s in result.saved.values())
-        if saved:
-            costs.save_s_per_byte += EMA * (result.save_s / saved - costs.save_s_per_byte)
+        if result.saved_bytes:
+            costs.save_s_per_byte += EMA * (result.save_s / result.saved_bytes
+                                            - costs.save_s_per_byte)
         if result.restored_bytes:
             costs.restore_s_per_byte += EMA * (result.restore_s / result.restored_bytes
                                                - costs.restore_s_per_byte)

@@ -16,9 +16,10 @@ import trio
 from axfs.config import TaskConfig
 from axfs.engine import Engine
 from axfs.errors import AxfsError, BadInput, Busy, Exists, NoSpace, NotFound, TooLarge
-from axfs.kv import KVSpace
+from axfs.kv import KVManager
 from axfs.policy import make_policy
 from axfs.scheduler import Scheduler
+from axfs.swap import SwapSpace
 from axfs.task import State, Task
 from axfs.trace import Trace
 from drivers.base import Driver
@@ -31,15 +32,17 @@ RESERVED_NAMES = frozenset({"new", "latest"})
 
 
 class Kernel:
-    def __init__(self, driver: Driver, trace: Trace | None = None, policy: str = "fair") -> None:
+    def __init__(self, driver: Driver, trace: Trace | None = None, policy: str = "fair",
+                 prefix_cache: bool = True, swap: SwapSpace | None = None) -> None:
         self.driver = driver
         self.model = driver.info
         self.trace = trace or Trace()
         shape = driver.shape
-        self.kv = KVSpace(shape.n_ctx, shape.n_seq_max, shape.cell_bytes,
-                          seq_limit=min(shape.n_ctx, self.model.context_length or shape.n_ctx))
+        self.kv = KVManager(shape.n_ctx, shape.n_seq_max, shape.cell_bytes,
+                            seq_limit=min(shape.n_ctx, self.model.context_length or shape.n_ctx),
+                            prefix_cache=prefix_cache)
         self.scheduler = Scheduler(self.kv, shape.n_batch, make_policy(policy))
-        self.engine = Engine(driver, self.scheduler, self.trace)
+        self.engine = Engine(driver, self.scheduler, self.trace, swap)
         self.defaults = TaskConfig(model=self.model.name)
         self.tasks: dict[str, Task] = {}
         self._latest: dict[int, str] = {}

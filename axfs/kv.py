@@ -1,73 +1,339 @@
-"""KV-cache accounting: sequence slots and cells, reserved when a task is admitted.
+"""The KV-cache manager: sequence slots, cells, shared prefixes and cached sequences.
 
-The scheduler asks ``can_admit`` before it commits with ``admit``, so nothing is
-ever half allocated. A task reserves its prompt plus its ``max_tokens`` (capped at
-the per-task context), so a running task never finds the cache full.
+Its picture of the cache is llama.cpp's unified cache: a cell belongs to every sequence
+that holds it and is free when none does, and copying a prefix from one sequence to
+another (``llama_memory_seq_cp``) adds the copy to the same cells without new ones. The
+manager keeps that picture as *blocks*, runs of cells with a count of the slots that
+reference them, so it knows at every moment how many cells are in use and which would
+come free if a sequence went.
+
+A slot is free, running (an admitted task's sequence) or cached (the sequence of a task
+that ended, kept so that a later prompt with the same beginning copies it instead of
+computing it again; evicted least recently used first when its slot or cells are
+needed).
+
+Admission is check, then commit: ``plan`` works out which sequence to copy a prefix
+from, which slot to use and which cached sequences to evict, without changing
+anything; ``commit`` applies that plan. A task reserves its whole context up front (its
+prompt plus ``max_tokens``, capped at the per-task context), so a running task never
+finds the cache full.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from axfs.task import Task
+from drivers.base import SeqState
+
+MIN_PREFIX = 8  # shortest shared prefix worth copying (every prompt shares its BOS)
+WAIT_GAIN = 32  # a task waits for a prefix another task is computing if it saves this many
+
+
+class Block:
+    """A run of ``size`` cells held by ``refs`` sequences."""
+
+    __slots__ = ("refs", "size")
+
+    def __init__(self, size: int, refs: int = 1) -> None:
+        self.size = size
+        self.refs = refs
+
+
+@dataclass(slots=True)
+class Cached:
+    """A finished task's sequence, kept for the prompts that begin like it."""
+
+    slot: int
+    tokens: list[int]  # the tokens whose KV the slot holds
+    task_id: str
+
+
+@dataclass(slots=True)
+class Admission:
+    """How a task gets in: its slot, the prefix it copies and what is evicted for it."""
+
+    task: Task
+    slot: int
+    cells: int  # cells reserved: prompt and room for max_tokens
+    source: int | None = None  # slot whose first ``prefix`` cells the task shares
+    prefix: int = 0
+    adopt: bool = False  # the source is a cached sequence taken over and trimmed
+    evict: list[int] = field(default_factory=list)  # cached slots cleared first
 
 
 @dataclass(slots=True)
 class KVStats:
     capacity_cells: int
-    reserved_cells: int
-    used_cells: int
+    used_cells: int  # cells held by any sequence (a shared cell counts once)
+    running_cells: int  # held by at least one running sequence
+    cached_cells: int  # held only by cached sequences
+    growth_cells: int  # reserved by running tasks for tokens not yet computed
     cell_bytes: int
     slots: int
-    slots_used: int
+    slots_running: int
+    slots_cached: int
+
+    @property
+    def free_cells(self) -> int:
+        """Cells a new task can have without evicting anything."""
+        return self.capacity_cells - self.used_cells - self.growth_cells
 
 
-class KVSpace:
-    def __init__(self, capacity_cells: int, slots: int, cell_bytes: int, seq_limit: int) -> None:
+@dataclass(slots=True)
+class KVCounters:
+    prefix_hits: int = 0
+    prefix_tokens: int = 0  # prompt tokens copied instead of computed
+    evictions: int = 0
+    evicted_cells: int = 0
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common beginning of ``a`` and ``b``, at most ``limit``
+    (binary search over slice comparisons, which run in C)."""
+    hi = min(len(a), len(b), limit)
+    if hi <= 0 or a[:hi] == b[:hi]:
+        return max(hi, 0)
+    lo = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class KVManager:
+    def __init__(self, capacity_cells: int, slots: int, cell_bytes: int, seq_limit: int,
+                 prefix_cache: bool = True) -> None:
         self.capacity_cells = capacity_cells
         self.seq_limit = min(seq_limit, capacity_cells)  # most cells one sequence may hold
         self.slots = slots
         self.cell_bytes = cell_bytes
-        self._free_slots = list(range(slots - 1, -1, -1))
-        self._holders: dict[int, Task] = {}
+        self.prefix_cache = prefix_cache
+        self.counters = KVCounters()
+        self.used_cells = 0
+        self._free = list(range(slots - 1, -1, -1))
+        self._blocks: dict[int, list[Block]] = {s: [] for s in range(slots)}
+        self._running: dict[int, Task] = {}
+        self._cached: OrderedDict[int, Cached] = OrderedDict()  # least recently used first
 
-    @property
-    def reserved_cells(self) -> int:
-        return sum(t.kv_reserved for t in self._holders.values())
+    # -- questions -------------------------------------------------------------------
 
     def need(self, task: Task) -> int:
         """Cells ``task`` reserves: its prompt and room for every token it may generate."""
         return min(len(task.prompt_tokens) + task.config.max_tokens, self.seq_limit)
 
-    def can_admit(self, task: Task) -> bool:
-        return bool(self._free_slots) and self.reserved_cells + self.need(task) <= self.capacity_cells
+    def cells(self, slot: int) -> int:
+        """Cells slot ``slot`` holds (shared ones included)."""
+        return sum(b.size for b in self._blocks[slot])
 
-    def admit(self, task: Task) -> int:
-        """Give ``task`` a slot and reserve its cells; call only after ``can_admit``."""
-        if not self.can_admit(task):
-            raise RuntimeError("admit without room: call can_admit first")
-        seq = self._free_slots.pop()
-        task.start(seq, self.need(task))
-        self._holders[seq] = task
-        return seq
+    @property
+    def growth_cells(self) -> int:
+        return sum(max(0, t.kv_reserved - t.num_cached) for t in self._running.values())
 
-    def release(self, task: Task) -> int | None:
-        """Give back ``task``'s slot and cells; returns the slot freed, if it had one."""
-        seq = task.seq
-        if seq is None or self._holders.get(seq) is not task:
+    def cached_slots(self) -> list[int]:
+        return list(self._cached)
+
+    def cached(self, slot: int) -> Cached | None:
+        return self._cached.get(slot)
+
+    def _best_prefix(self, task: Task) -> tuple[int | None, int, int]:
+        """The slot with the longest usable prefix of ``task``'s history, its length, and
+        the longest prefix a running task is still computing (worth waiting for)."""
+        history = task.prompt_tokens + task.output_tokens
+        limit = len(history) - 1  # the last token is fed again to get its logits
+        best: tuple[int | None, int] = (None, 0)
+        pending = 0
+        for slot, other in self._running.items():
+            if other is task:
+                continue
+            n = common_prefix(history, other.prompt_tokens, limit)
+            if n >= len(other.prompt_tokens):
+                n = common_prefix(history, other.prompt_tokens + other.output_tokens, limit)
+            usable = min(n, other.num_cached)
+            if usable > best[1]:
+                best = (slot, usable)
+            if other.num_cached < min(n, len(other.prompt_tokens)):
+                pending = max(pending, min(n, len(other.prompt_tokens)))
+        for slot, entry in self._cached.items():
+            n = common_prefix(history, entry.tokens, limit)
+            if n > best[1]:
+                best = (slot, n)
+        return best[0], best[1], pending
+
+    # -- admission: plan, then commit --------------------------------------------------
+
+    def plan(self, task: Task, pinned: set[int] | frozenset[int] = frozenset()
+             ) -> Admission | None:
+        """How ``task`` would be admitted now, or None when it cannot be (or should wait
+        for a prefix another task is computing). Changes nothing. ``pinned`` slots (the
+        sources of this step's earlier copies) are never evicted."""
+        need = self.need(task)
+        source, prefix = None, 0
+        restoring = isinstance(task.saved, SeqState) and task.saved.kv is not None
+        if self.prefix_cache and task.num_cached == 0 and not restoring:
+            source, prefix, pending = self._best_prefix(task)
+            if prefix < MIN_PREFIX:
+                source, prefix = None, 0
+            if pending - prefix >= WAIT_GAIN:
+                return None
+        adm = Admission(task=task, slot=-1, cells=need, source=source, prefix=prefix)
+        victims = [s for s in self._cached if s not in pinned and s != source]
+        left: dict[int, int] = {}  # id(block) -> references left after the evictions
+        freed = 0
+
+        def evict(slot: int) -> None:
+            nonlocal freed
+            adm.evict.append(slot)
+            for b in self._blocks[slot]:
+                refs = left.get(id(b), b.refs) - 1
+                left[id(b)] = refs
+                if refs == 0:
+                    freed += b.size
+
+        if self._free:
+            adm.slot = self._free[-1]
+        elif victims:
+            adm.slot = victims[0]
+            evict(victims.pop(0))
+        elif source is not None and source in self._cached:
+            adm.slot, adm.adopt = source, True
+        else:
             return None
-        del self._holders[seq]
-        self._free_slots.append(seq)
+        free = self.capacity_cells - self.used_cells - self.growth_cells
+        while free + freed < need - prefix:
+            if not victims:
+                return None
+            evict(victims.pop(0))
+        return adm
+
+    def commit(self, adm: Admission) -> None:
+        """Apply a plan made by ``plan`` (in the same step, before anything else changed)."""
+        task, slot = adm.task, adm.slot
+        for victim in adm.evict:
+            self._drop(victim)
+            self.counters.evictions += 1
+            if victim != slot:
+                self._free.append(victim)
+        if slot in self._free:
+            self._free.remove(slot)
+        if adm.adopt:
+            del self._cached[slot]
+            self._truncate(slot, adm.prefix)
+        elif adm.source is not None:
+            self._share(adm.source, slot, adm.prefix)
+            if adm.source in self._cached:
+                self._cached.move_to_end(adm.source)
+        if adm.source is not None:
+            self.counters.prefix_hits += 1
+            self.counters.prefix_tokens += adm.prefix
+        self._running[slot] = task
+        task.start(slot, adm.cells)
+        if adm.prefix:
+            task.num_cached = adm.prefix
+            task.prefix_reused += adm.prefix
+        elif task.num_cached:  # a preempted task whose KV is restored from its saved state
+            self.grow(slot, task.num_cached)
+
+    # -- while running -----------------------------------------------------------------
+
+    def grow(self, slot: int, n: int) -> None:
+        """``n`` new cells were computed for the sequence in ``slot``."""
+        blocks = self._blocks[slot]
+        if blocks and blocks[-1].refs == 1:
+            blocks[-1].size += n
+        else:
+            blocks.append(Block(n))
+        self.used_cells += n
+
+    def release(self, task: Task, cache: bool) -> int | None:
+        """Take ``task``'s slot back. With ``cache`` its sequence stays as a cached one;
+        otherwise its cells are freed and the slot returned, for the driver to clear."""
+        slot = task.seq
+        if slot is None or self._running.get(slot) is not task:
+            return None
+        del self._running[slot]
         task.seq = None
         task.kv_reserved = 0
-        return seq
+        n = self.cells(slot)
+        if cache and self.prefix_cache and n >= MIN_PREFIX:
+            tokens = (task.prompt_tokens + task.output_tokens)[:n]
+            self._cached[slot] = Cached(slot=slot, tokens=tokens, task_id=task.id)
+            return None
+        self._drop(slot)
+        self._free.append(slot)
+        return slot
+
+    def freed_by(self, task: Task) -> int:
+        """Cells that preempting the running ``task`` would give back (its reserved growth
+        and the cells no other sequence shares)."""
+        if task.seq is None:
+            return 0
+        own = sum(b.size for b in self._blocks[task.seq] if b.refs == 1)
+        return own + max(0, task.kv_reserved - task.num_cached)
 
     def stats(self) -> KVStats:
+        running_blocks = {id(b): b for s in self._running for b in self._blocks[s]}
+        running = sum(b.size for b in running_blocks.values())
         return KVStats(
             capacity_cells=self.capacity_cells,
-            reserved_cells=self.reserved_cells,
-            used_cells=sum(t.kv_cells for t in self._holders.values()),
+            used_cells=self.used_cells,
+            running_cells=running,
+            cached_cells=self.used_cells - running,
+            growth_cells=self.growth_cells,
             cell_bytes=self.cell_bytes,
             slots=self.slots,
-            slots_used=len(self._holders),
+            slots_running=len(self._running),
+            slots_cached=len(self._cached),
         )
+
+    # -- blocks ------------------------------------------------------------------------
+
+    def _split(self, slot: int, n: int) -> int:
+        """Make a block boundary at cell ``n`` of ``slot``; return the index of the first
+        block past it."""
+        pos = 0
+        for i, b in enumerate(self._blocks[slot]):
+            if pos == n:
+                return i
+            if pos + b.size > n:
+                tail = Block(pos + b.size - n, b.refs)
+                b.size = n - pos
+                for blocks in self._blocks.values():
+                    for j, other in enumerate(blocks):
+                        if other is b:
+                            blocks.insert(j + 1, tail)
+                            break
+                return i + 1
+            pos += b.size
+        return len(self._blocks[slot])
+
+    def _share(self, source: int, slot: int, n: int) -> None:
+        cut = self._split(source, n)
+        shared = self._blocks[source][:cut]
+        for b in shared:
+            b.refs += 1
+        self._blocks[slot] = list(shared)
+
+    def _truncate(self, slot: int, n: int) -> None:
+        cut = self._split(slot, n)
+        for b in self._blocks[slot][cut:]:
+            self._unref(b)
+        del self._blocks[slot][cut:]
+
+    def _unref(self, b: Block) -> None:
+        b.refs -= 1
+        if b.refs == 0:
+            self.used_cells -= b.size
+
+    def _drop(self, slot: int) -> None:
+        """Free ``slot``'s cells (shared ones stay with their other holders)."""
+        entry = self._cached.pop(slot, None)
+        if entry is not None:
+            self.counters.evicted_cells += len(entry.tokens)
+        for b in self._blocks[slot]:
+            self._unref(b)
+        self._blocks[slot] = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from axfs.kv import KVSpace
+from axfs.kv import Admission, KVManager
 from axfs.policy import Policy
 from axfs.task import Task
 from drivers.base import Piece
@@ -27,13 +27,21 @@ class StepPlan:
     """What one step does: who leaves, who joins, and the pieces for the driver."""
 
     preempted: list[tuple[Task, int, bool]] = field(default_factory=list)  # task, seq, keep KV
-    admitted: list[Task] = field(default_factory=list)
+    admissions: list[Admission] = field(default_factory=list)
     pieces: list[Piece] = field(default_factory=list)
     owners: dict[int, Task] = field(default_factory=dict)  # seq -> task
 
     @property
     def empty(self) -> bool:
         return not (self.pieces or self.preempted)
+
+    @property
+    def admitted(self) -> list[Task]:
+        return [a.task for a in self.admissions]
+
+    @property
+    def evicted(self) -> list[int]:
+        return [slot for a in self.admissions for slot in a.evict]
 
     @property
     def num_tokens(self) -> int:
@@ -50,7 +58,7 @@ class Costs:
 
 
 class Scheduler:
-    def __init__(self, kv: KVSpace, n_batch: int, policy: Policy, prefill_chunk: int = 256,
+    def __init__(self, kv: KVManager, n_batch: int, policy: Policy, prefill_chunk: int = 256,
                  min_turn: int = 4) -> None:
         self.kv = kv
         self.n_batch = n_batch
@@ -62,18 +70,20 @@ class Scheduler:
         self.running: list[Task] = []
         self.num_preemptions = 0
         self.last_batch = 0
+        self.waiting_for_memory = 0  # waiting tasks the last step could not fit
 
     def add(self, task: Task) -> None:
         self.waiting.append(task)
 
-    def drop(self, task: Task) -> None:
-        """Forget a task that ended or was killed; its cells are released."""
+    def drop(self, task: Task, cache: bool = True) -> int | None:
+        """Forget a task that ended or was killed. Its sequence stays cached for prompts
+        that begin like it (``cache``) or its slot is returned, for the driver to clear."""
         if task in self.waiting:
             self.waiting.remove(task)
         if task in self.running:
             self.running.remove(task)
-        self.kv.release(task)
         self.policy.forget(task)
+        return self.kv.release(task, cache)
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
@@ -118,26 +128,34 @@ class Scheduler:
 
     def _place(self, ranked: list[Task], plan: StepPlan) -> None:
         wanted = ranked[: self.kv.slots]
+        pinned: set[int] = set()
+        self.waiting_for_memory = 0
         for task in ranked:
             if task.seq is not None:
                 continue
-            fits = self.kv.can_admit(task) or (
-                task in wanted and self._make_room(task, ranked, wanted, plan))
-            if not fits:
+            adm = self.kv.plan(task, pinned)
+            if adm is None and task in wanted and self._make_room(task, ranked, wanted, plan, pinned):
+                adm = self.kv.plan(task, pinned)
+            if adm is None:
+                self.waiting_for_memory += 1
                 continue
+            self.kv.commit(adm)
+            if adm.source is not None:
+                pinned.add(adm.source)
             self.waiting.remove(task)
-            self.kv.admit(task)
             self.running.append(task)
-            plan.admitted.append(task)
+            plan.admissions.append(adm)
 
     def _make_room(self, task: Task, ranked: list[Task], wanted: list[Task],
-                   plan: StepPlan) -> bool:
-        """Preempt the fewest low-ranked running tasks that make room for ``task``."""
+                   plan: StepPlan, pinned: set[int]) -> bool:
+        """Preempt the fewest low-ranked running tasks that make room for ``task`` (never
+        one whose prefix this step copies)."""
         victims = [t for t in reversed(ranked) if t.seq is not None and t not in wanted
+                   and t.seq not in pinned
                    and t.num_processed - t.processed_at_start >= self.min_turn]
         stats = self.kv.stats()
-        slots = stats.slots - stats.slots_used
-        cells = stats.capacity_cells - stats.reserved_cells
+        slots = stats.slots - stats.slots_running  # cached slots can be evicted
+        cells = stats.free_cells + stats.cached_cells
         need = self.kv.need(task)
         chosen: list[Task] = []
         for victim in victims:
@@ -145,7 +163,7 @@ class Scheduler:
                 break
             chosen.append(victim)
             slots += 1
-            cells += victim.kv_reserved
+            cells += self.kv.freed_by(victim)
         if not (slots >= 1 and cells >= need):
             return False
         for victim in chosen:
@@ -153,7 +171,7 @@ class Scheduler:
             if seq is None:
                 continue
             keep = self._keep_kv(victim)
-            self.kv.release(victim)
+            self.kv.release(victim, cache=False)
             self.running.remove(victim)
             self.waiting.append(victim)
             victim.preempt(keep)

@@ -46,6 +46,7 @@ class Task:
         self.num_cached = 0  # tokens of prompt + output already in the KV cache
         self.kv_reserved = 0  # cells reserved for this task while admitted
         self.saved: object | None = None  # the driver's saved state while preempted
+        self.prefix_reused = 0  # prompt tokens copied from another sequence, not computed
         self.num_preempted = 0
         self.num_processed = 0  # tokens run through the model for it (prefill and decode)
         self.processed_at_start = 0  # num_processed when it was last admitted

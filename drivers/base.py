@@ -92,15 +92,35 @@ class Driver(Protocol):
     info: ModelInfo
     shape: ContextShape
 
-    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize(self, text: str, bos: bool = True) -> list[int]:
+        """``text`` as tokens, beginning with the model's BOS token if it uses one and
+        ``bos`` (a text that continues another takes none)."""
+        ...
 
     def piece(self, token: int) -> bytes: ...
 
     def is_eog(self, token: int) -> bool: ...
 
-    def open_seq(self, seq: int, sampling: Sampling) -> None: ...
+    def open_seq(self, seq: int, sampling: Sampling) -> None:
+        """Give sequence ``seq`` a new sampler; its KV cells are left as they are."""
+        ...
 
-    def close_seq(self, seq: int) -> None: ...
+    def close_seq(self, seq: int) -> None:
+        """Clear sequence ``seq``: its sampler and its KV cells."""
+        ...
+
+    def copy_seq(self, src: int, dst: int, n: int) -> None:
+        """Make the empty sequence ``dst`` hold the first ``n`` cells of ``src`` (shared,
+        not duplicated, where the runtime can)."""
+        ...
+
+    def trim_seq(self, seq: int, n: int) -> None:
+        """Keep only the first ``n`` cells of sequence ``seq``."""
+        ...
+
+    def seq_cells(self, seq: int) -> int:
+        """Cells the runtime says sequence ``seq`` holds."""
+        ...
 
     def save_seq(self, seq: int, keep_kv: bool) -> SeqState:
         """Take sequence ``seq`` out of the context (its slot is then free), keeping its
@@ -108,7 +128,8 @@ class Driver(Protocol):
         ...
 
     def restore_seq(self, seq: int, state: SeqState) -> None:
-        """Put a saved sequence back, into slot ``seq`` (which may differ from before)."""
+        """Put a saved sequence back, into the empty slot ``seq`` (which may differ from
+        before); a state without KV brings back only the sampler."""
         ...
 
     def step(self, pieces: list[Piece]) -> dict[int, int]:

@@ -201,12 +201,12 @@ class LlamaCppDriver:
 
     # -- vocabulary ----------------------------------------------------------------
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, bos: bool = True) -> list[int]:
         data = text.encode("utf-8")
         cap = len(data) + 8
         while True:
             buf = (lc.llama_token * cap)()
-            n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, self._add_bos, False)
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, self._add_bos and bos, False)
             if n >= 0:
                 return list(buf[:n])
             cap = -n
@@ -228,7 +228,7 @@ class LlamaCppDriver:
     def open_seq(self, seq: int, sampling: Sampling) -> None:
         if not 0 <= seq < self.shape.n_seq_max:
             raise DriverError(f"sequence {seq} is outside 0..{self.shape.n_seq_max - 1}")
-        self.close_seq(seq)
+        self._drop_sampler(seq)
         if sampling.temperature <= 0:
             # Argmax straight from the logits: llama.cpp's greedy sampler first copies
             # all n_vocab logits into candidate records, per token (262k for Gemma).
@@ -244,12 +244,27 @@ class LlamaCppDriver:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(sampling.seed))
         self._samplers[seq] = chain
 
-    def close_seq(self, seq: int) -> None:
-        lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+    def _drop_sampler(self, seq: int) -> None:
         self._greedy.discard(seq)
         chain = self._samplers.pop(seq, None)
         if chain is not None:
             lc.llama_sampler_free(chain)
+
+    def close_seq(self, seq: int) -> None:
+        lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._drop_sampler(seq)
+
+    def copy_seq(self, src: int, dst: int, n: int) -> None:
+        # In the unified cache this adds ``dst`` to the cells of ``src``: no KV is copied.
+        lc.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+
+    def trim_seq(self, seq: int, n: int) -> None:
+        if not lc.llama_memory_seq_rm(self._mem, seq, n, -1):
+            raise DriverError(f"llama.cpp could not trim sequence {seq} to {n} cells")
+
+    def seq_cells(self, seq: int) -> int:
+        last = lc.llama_memory_seq_pos_max(self._mem, seq)
+        return 0 if last < 0 else last - lc.llama_memory_seq_pos_min(self._mem, seq) + 1
 
     def save_seq(self, seq: int, keep_kv: bool) -> SeqState:
         kv = None
@@ -265,11 +280,14 @@ class LlamaCppDriver:
         return SeqState(sampler=sampler, kv=kv, kv_bytes=size)
 
     def restore_seq(self, seq: int, state: SeqState) -> None:
-        self.close_seq(seq)
+        self._drop_sampler(seq)
         if state.kv is not None:
             kv = state.kv
+            if isinstance(kv, bytearray):  # read back from a swap file
+                kv = (ctypes.c_uint8 * len(kv)).from_buffer(kv)
             if not isinstance(kv, ctypes.Array):
                 raise DriverError("saved state is not from this driver")
+            lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
             if lc.llama_state_seq_set_data(self._ctx, kv, state.kv_bytes, seq) == 0:
                 raise DriverError(f"llama.cpp could not restore a sequence into slot {seq}")
         if state.sampler == "greedy":

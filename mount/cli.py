@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--policy", choices=["fair", "fifo"], default="fair",
                    help="scheduling: fair shares per user and priority, or first come first served")
     m.add_argument("--allow-other", action="store_true", help="let other users in")
+    m.add_argument("--prefix-cache", choices=["on", "off"], default="on",
+                   help="keep ended tasks' KV for prompts that begin the same way")
+    m.add_argument("--swap-mem", type=int, default=512, metavar="MIB",
+                   help="MiB of preempted tasks' KV kept in memory; the rest goes to the state dir")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount the tree and stop its daemon")
@@ -122,7 +126,8 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
     opts = MountOptions(mountpoint=mountpoint, model=model, state_dir=state_dir, n_ctx=args.ctx,
                         slots=args.slots, n_batch=args.batch, threads=args.threads,
                         repack={"auto": None, "on": True, "off": False}[args.repack],
-                        policy=args.policy, allow_other=args.allow_other)
+                        policy=args.policy, allow_other=args.allow_other,
+                        prefix_cache=args.prefix_cache == "on", swap_mem=args.swap_mem << 20)
     try:
         return serve(opts, ready)
     finally:

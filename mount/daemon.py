@@ -22,6 +22,7 @@ import trio
 
 from axfs.fs.operations import Operations
 from axfs.kernel import Kernel
+from axfs.swap import SwapSpace
 from drivers.base import ModelLoadError
 from drivers.llamacpp import LlamaCppDriver
 
@@ -46,6 +47,8 @@ class MountOptions:
     repack: bool | None = None  # None: llama.cpp's repacked weights unless the CPU has AMX
     policy: str = "fair"
     allow_other: bool = False
+    prefix_cache: bool = True
+    swap_mem: int = 512 << 20  # bytes of preempted sequences kept in memory; more go to disk
 
 
 def prepare_mountpoint(mountpoint: Path) -> None:
@@ -85,7 +88,8 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
         ready(f"error: {e}")
         return 1
     try:
-        kernel = Kernel(driver, policy=opts.policy)
+        kernel = Kernel(driver, policy=opts.policy, prefix_cache=opts.prefix_cache,
+                        swap=SwapSpace(opts.swap_mem, opts.state_dir / "swap"))
         ops = Operations(kernel)
         options = set(pyfuse3.default_options) | {"fsname=axfs", "subtype=axfs"}
         if opts.allow_other:

@@ -40,10 +40,11 @@ class FakeDriver:
         self.positions: dict[int, int] = {}  # next position each sequence expects
         self.fail_next: str | None = None
         self.saves = self.restores = self.aborted = 0
+        self.copies: list[tuple[int, int, int]] = []
         self.aborting = False
         self.step_delay = 0.0  # seconds a step takes per piece
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, bos: bool = True) -> list[int]:
         return [ord(c) for c in text]
 
     def piece(self, token: int) -> bytes:
@@ -54,21 +55,39 @@ class FakeDriver:
 
     def open_seq(self, seq: int, sampling: Sampling) -> None:
         self.open[seq] = sampling
-        self.positions[seq] = 0
+        self.positions.setdefault(seq, 0)
 
     def close_seq(self, seq: int) -> None:
         self.open.pop(seq, None)
         self.positions.pop(seq, None)
 
+    def copy_seq(self, src: int, dst: int, n: int) -> None:
+        if self.positions.get(src, 0) < n or self.positions.get(dst, 0):
+            raise DriverError(f"cannot copy {n} cells of {src} into {dst}")
+        self.positions[dst] = n
+        self.copies.append((src, dst, n))
+
+    def trim_seq(self, seq: int, n: int) -> None:
+        if self.positions.get(seq, 0) < n:
+            raise DriverError(f"cannot trim {seq} to {n}")
+        self.positions[seq] = n
+
+    def seq_cells(self, seq: int) -> int:
+        return self.positions.get(seq, 0)
+
     def save_seq(self, seq: int, keep_kv: bool) -> SeqState:
-        state = SeqState(sampler=self.open.pop(seq), kv=self.positions.pop(seq) if keep_kv else None,
-                         kv_bytes=2 * self.positions.get(seq, 0))
+        cells = self.positions.pop(seq, 0)
+        state = SeqState(sampler=self.open.pop(seq), kv=bytes(2 * cells) if keep_kv else None,
+                         kv_bytes=2 * cells if keep_kv else 0)
         self.saves += 1
         return state
 
     def restore_seq(self, seq: int, state: SeqState) -> None:
         self.open[seq] = state.sampler  # type: ignore[assignment]
-        self.positions[seq] = state.kv if isinstance(state.kv, int) else 0
+        if isinstance(state.kv, bytes | bytearray):
+            self.positions[seq] = len(state.kv) // 2
+        else:
+            self.positions.setdefault(seq, 0)
         self.restores += 1
 
     def abort(self, stop: bool = True) -> None:

@@ -41,7 +41,7 @@ async def test_a_task_streams_the_driver_tokens_and_ends(kernel: Kernel) -> None
     await wait_done(task)
     assert task.output.decode() == "bcdef"
     assert (task.state, task.finish_reason) == (State.DONE, "length")
-    assert kernel.kv.stats().slots_used == 0
+    assert kernel.kv.stats().slots_running == 0
 
 
 async def test_echo_newline_is_dropped_and_latest_follows_the_user(kernel: Kernel) -> None:
@@ -136,7 +136,7 @@ async def test_kill_ends_a_running_task_and_frees_its_sequence(kernel: Kernel) -
     kernel.control(task, "kill\n")
     assert (task.state, task.finish_reason) == (State.KILLED, "killed")
     await trio.sleep(0.05)
-    assert kernel.kv.stats().slots_used == 0
+    assert kernel.kv.stats().slots_running == 0
     assert not kernel.driver.open  # type: ignore[attr-defined]
 
 

@@ -379,7 +379,7 @@ class Operations(pyfuse3.Operations):
         kv = self.kernel.kv.stats()
         s.f_bsize = s.f_frsize = max(1, kv.cell_bytes)
         s.f_blocks = kv.capacity_cells
-        s.f_bfree = s.f_bavail = kv.capacity_cells - kv.reserved_cells
+        s.f_bfree = s.f_bavail = kv.free_cells + kv.cached_cells
         s.f_files = len(self.kernel.tasks)
         s.f_ffree = s.f_favail = 1 << 20
         s.f_namemax = 64

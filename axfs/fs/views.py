@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from axfs.kernel import Kernel
+from axfs.swap import SwapSpace
 from axfs.task import Task
 from drivers.base import ModelInfo
 
@@ -75,6 +76,8 @@ def status(task: Task, cell_bytes: int) -> str:
         ("kv_cells", task.kv_cells),
         ("kv_bytes", task.kv_cells * cell_bytes),
         ("kv_reserved_cells", task.kv_reserved),
+        ("kv_prefix_reused", task.prefix_reused),
+        ("kv_swapped", SwapSpace.where(task.saved) or "no"),
         ("submitted", _stamp(task.submitted_at)),
         ("queued_ms", _ms(task.submitted_at, task.started_at or (0 if task.finished else now))),
         ("first_token_ms", _ms(task.submitted_at, task.first_token_at)),
@@ -85,20 +88,40 @@ def status(task: Task, cell_bytes: int) -> str:
 
 
 def memory(kernel: Kernel) -> str:
+    """The KV cache in /proc/meminfo style. Used = Running + Cached; Free is what a new
+    task can have at once (less the room running tasks have reserved for their output);
+    cached sequences are evicted when that is not enough."""
     kv = kernel.kv.stats()
-    waiting = len(kernel.scheduler.waiting)  # queued and preempted tasks
-    rows = [
-        ("KVCapacity", f"{kv.capacity_cells} cells"),
-        ("KVCapacityBytes", f"{kv.capacity_cells * kv.cell_bytes // 1024} kB"),
-        ("KVUsed", f"{kv.used_cells} cells"),
-        ("KVUsedBytes", f"{kv.used_cells * kv.cell_bytes // 1024} kB"),
-        ("KVReserved", f"{kv.reserved_cells} cells"),
-        ("KVFree", f"{kv.capacity_cells - kv.reserved_cells} cells"),
+    c = kernel.kv.counters
+    swap = kernel.engine.swap
+    rows: list[tuple[str, str]] = []
+    for key, n in [("KVCapacity", kv.capacity_cells), ("KVUsed", kv.used_cells),
+                   ("KVRunning", kv.running_cells), ("KVCached", kv.cached_cells),
+                   ("KVReservedGrowth", kv.growth_cells), ("KVFree", kv.free_cells)]:
+        rows += [(key, f"{n} cells"), (key + "Bytes", f"{n * kv.cell_bytes // 1024} kB")]
+    rows += [
         ("KVCellBytes", f"{kv.cell_bytes} B"),
         ("PerTaskContext", f"{kernel.kv.seq_limit} cells"),
-        ("Sequences", f"{kv.slots_used} of {kv.slots}"),
-        ("TasksRunning", f"{kv.slots_used}"),
-        ("TasksWaiting", f"{waiting}"),
+        ("Sequences", f"{kv.slots_running + kv.slots_cached} of {kv.slots}"),
+        ("SequencesRunning", f"{kv.slots_running}"),
+        ("SequencesCached", f"{kv.slots_cached}"),
+        ("PrefixCache", "on" if kernel.kv.prefix_cache else "off"),
+        ("PrefixHits", f"{c.prefix_hits}"),
+        ("PrefixTokensSaved", f"{c.prefix_tokens} tokens"),
+        ("Evictions", f"{c.evictions}"),
+        ("EvictedTokens", f"{c.evicted_cells} tokens"),
+        ("SwapMemLimit", f"{swap.mem_limit // 1024} kB"),
+        ("SwappedMem", f"{swap.mem_bytes // 1024} kB"),
+        ("SwappedMemTasks", f"{swap.mem_count}"),
+        ("SwappedDisk", f"{swap.disk_bytes // 1024} kB"),
+        ("SwappedDiskTasks", f"{swap.disk_count}"),
+        ("SwapOuts", f"{swap.outs}"),
+        ("SwapOutBytes", f"{swap.out_bytes // 1024} kB"),
+        ("SwapIns", f"{swap.ins}"),
+        ("SwapInBytes", f"{swap.in_bytes // 1024} kB"),
+        ("TasksRunning", f"{kv.slots_running}"),
+        ("TasksWaiting", f"{len(kernel.scheduler.waiting)}"),
+        ("TasksWaitingForMemory", f"{kernel.scheduler.waiting_for_memory}"),
     ]
     width = max(len(k) for k, _ in rows) + 1
     return "".join(f"{k + ':':<{width}} {v:>16}\n" for k, v in rows)
