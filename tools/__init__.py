@@ -1,0 +1,1 @@
+"""Tools around the mounted tree: axctl (axctl/), benchmarks (bench/), example scripts (examples/)."""
