@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -52,6 +53,7 @@ class Engine:
         self._stepping = False
         self._inflight: set[int] = set()  # sequences of the step running now
         self._last_abort = 0.0
+        self.on_end: Callable[[Task], None] | None = None  # told of every task that ends
 
     def wake(self) -> None:
         self._wake.set()
@@ -77,6 +79,8 @@ class Engine:
         if seq is not None:
             self._to_close.append(seq)
         self.wake()
+        if self.on_end is not None:
+            self.on_end(task)
 
     async def run(self) -> None:
         while True:

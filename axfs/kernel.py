@@ -43,8 +43,10 @@ class Kernel:
                             prefix_cache=prefix_cache)
         self.scheduler = Scheduler(self.kv, shape.n_batch, make_policy(policy))
         self.engine = Engine(driver, self.scheduler, self.trace, swap)
+        self.engine.on_end = self._ended
         self.defaults = TaskConfig(model=self.model.name)
         self.tasks: dict[str, Task] = {}
+        self._forks: dict[str, list[Task]] = {}  # parent id -> forks waiting for it to end
         self._latest: dict[int, str] = {}
         self._next_id = 1
         self.trace.emit("model_load", model=self.model.name, path=self.model.path)
@@ -122,17 +124,67 @@ class Kernel:
             raise self.reject(uid, task, BadInput("prompt is empty"))
         return text
 
+    async def fork(self, parent: Task, uid: int, gid: int, data: bytes) -> Task:
+        """``echo TEXT > tasks/ID/fork``: a new task continuing ``parent``'s text with TEXT.
+
+        Its context is the parent's prompt, what the parent generated and TEXT; it shares
+        the parent's KV (the prefix cache finds it) and its parameters. A fork of a task
+        that has not ended waits for it.
+        """
+        self.check_forkable(parent, uid)
+        text = self._prompt_text(uid, parent, data)
+        tokens = await trio.to_thread.run_sync(lambda: self.driver.tokenize(text, bos=False))
+        task = self.create(uid, gid)
+        task.config = parent.config.copy()
+        task.parent = parent.id
+        task.follow_up = tokens
+        task.prompt = text
+        self._latest[uid] = task.id
+        if parent.finished:
+            self._start_fork(task, parent)
+        else:
+            task.submit(text, [])
+            self._forks.setdefault(parent.id, []).append(task)
+            self.trace.emit("fork", task.id, uid, parent=parent.id, waiting="yes")
+        return task
+
+    def check_forkable(self, parent: Task, uid: int) -> None:
+        if parent.state is State.DRAFT:
+            raise self.reject(uid, parent, Busy(
+                f"task {parent.id} has no prompt yet: there is nothing to fork"))
+
+    def _start_fork(self, task: Task, parent: Task) -> None:
+        if parent.state is State.FAILED:
+            error = f"task {parent.id}, which this one continues, failed: {parent.error}"
+            self.trace.emit("error", task.id, task.uid, reason=error)
+            self.engine.end(task, State.FAILED, "error", error)
+            return
+        task.submit(task.prompt, parent.context() + task.follow_up)
+        self.trace.emit("fork", task.id, task.uid, parent=parent.id,
+                        context_tokens=len(task.prompt_tokens))
+        self._enqueue(task)
+
+    def _ended(self, task: Task) -> None:
+        """The engine's word that ``task`` ended: start the forks waiting for it."""
+        for child in self._forks.pop(task.id, []):
+            if not child.finished:
+                self._start_fork(child, task)
+
     async def _queue(self, task: Task, text: str) -> None:
         tokens = await trio.to_thread.run_sync(self.driver.tokenize, text)
         task.submit(text, tokens)
         self._latest[task.uid] = task.id
+        self._enqueue(task)
+
+    def _enqueue(self, task: Task) -> None:
+        tokens = task.prompt_tokens
         self.trace.emit("submit", task.id, task.uid, prompt_tokens=len(tokens),
                         max_tokens=task.config.max_tokens, model=task.config.model)
         if len(tokens) >= self.kv.seq_limit:
             error = NoSpace(f"prompt is {len(tokens)} tokens; a task's context holds "
                             f"{self.kv.seq_limit} tokens with room for at least one more")
             self.trace.emit("error", task.id, task.uid, reason=str(error))
-            task.finish(State.FAILED, "error", str(error))
+            self.engine.end(task, State.FAILED, "error", str(error))
             return
         self.engine.add(task)
 

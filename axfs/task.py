@@ -47,6 +47,8 @@ class Task:
         self.kv_reserved = 0  # cells reserved for this task while admitted
         self.saved: object | None = None  # the driver's saved state while preempted
         self.prefix_reused = 0  # prompt tokens copied from another sequence, not computed
+        self.parent = ""  # the task this one was forked from
+        self.follow_up: list[int] = []  # a fork's own tokens, appended to its parent's text
         self.num_preempted = 0
         self.num_processed = 0  # tokens run through the model for it (prefill and decode)
         self.processed_at_start = 0  # num_processed when it was last admitted
@@ -113,6 +115,14 @@ class Task:
         event.set()
 
     # -- transitions -----------------------------------------------------------------
+
+    def context(self) -> list[int]:
+        """The tokens a fork of this task continues from: its prompt and what it generated,
+        less a final end-of-generation token."""
+        out = self.output_tokens
+        if out and self.finish_reason == "eos":
+            out = out[:-1]
+        return self.prompt_tokens + out
 
     def submit(self, prompt: str, tokens: list[int]) -> None:
         self.prompt = prompt

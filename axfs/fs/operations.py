@@ -37,8 +37,8 @@ ERRNO: dict[type[AxfsError], int] = {
     TooLarge: errno.EFBIG,
     NoSpace: errno.ENOSPC,
 }
-TASK_FILES = ("prompt", "stream", "status", "config", "ctl", "error")
-WRITABLE = frozenset({"prompt", "config", "ctl"})
+TASK_FILES = ("prompt", "stream", "status", "config", "ctl", "fork", "error")
+WRITABLE = frozenset({"prompt", "config", "ctl", "fork"})
 POLL_SECONDS = 0.2  # a blocked reader checks its signals this often
 
 P = ParamSpec("P")
@@ -140,7 +140,7 @@ class Operations(pyfuse3.Operations):
         return node
 
     def _exists(self, node: Node) -> bool:
-        if node.kind in ("task", "task_file"):
+        if node.kind in ("task", "task_file", "parent"):
             return node.name in self.kernel.tasks
         if node.kind in ("model", "model_info"):
             return node.name in self.kernel.models
@@ -162,7 +162,10 @@ class Operations(pyfuse3.Operations):
         elif parent is MODELS:
             node = Node("model", name) if name in self.kernel.models else None
         elif parent.kind == "task":
-            node = Node("task_file", parent.name, name) if name in TASK_FILES else None
+            if name == "parent":
+                node = Node("parent", parent.name) if self._task(parent).parent else None
+            else:
+                node = Node("task_file", parent.name, name) if name in TASK_FILES else None
         elif parent.kind == "model":
             node = Node("model_info", parent.name) if name == "info" else None
         else:
@@ -183,7 +186,10 @@ class Operations(pyfuse3.Operations):
             ids = sorted(self.kernel.tasks, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))
             return found + [(i, Node("task", i)) for i in ids]
         if node.kind == "task":
-            return [(f, Node("task_file", node.name, f)) for f in TASK_FILES]
+            files = [(f, Node("task_file", node.name, f)) for f in TASK_FILES]
+            if self._task(node).parent:
+                files.append(("parent", Node("parent", node.name)))
+            return files
         if node.kind == "model":
             return [("info", Node("model_info", node.name))]
         raise _fail(errno.ENOTDIR)
@@ -205,10 +211,13 @@ class Operations(pyfuse3.Operations):
             latest = self.kernel.latest(uid)
             mode, size = stat.S_IFLNK | 0o777, len(latest.id) if latest else 0
             a.st_nlink = 1
+        elif node.kind == "parent":
+            mode, size = stat.S_IFLNK | 0o777, len(self._parent_link(node))
+            a.st_nlink = 1
         else:
             mode, size = stat.S_IFREG | self._file_mode(node), self._size(node, uid)
             a.st_nlink = 1
-        if node.kind in ("task", "task_file"):
+        if node.kind in ("task", "task_file", "parent"):
             task = self._task(node)
             a.st_uid, a.st_gid = task.uid, task.gid
             mtime = int(task.updated_at * 1e9)
@@ -259,6 +268,8 @@ class Operations(pyfuse3.Operations):
             return views.ctl(task).encode()
         if f == "error":
             return (task.error + "\n").encode() if task.error else b""
+        if f == "fork":
+            return b""
         raise _fail(errno.ENOENT)
 
     def _size(self, node: Node, uid: int) -> int:
@@ -296,9 +307,15 @@ class Operations(pyfuse3.Operations):
             raise _fail(errno.EPERM)
         return self._attrs(node, ctx.uid)
 
+    def _parent_link(self, node: Node) -> str:
+        return f"../{self._task(node).parent}"
+
     @_boundary
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        if self._node(inode).kind != "latest":
+        node = self._node(inode)
+        if node.kind == "parent":
+            return self._parent_link(node).encode()
+        if node.kind != "latest":
             raise _fail(errno.EINVAL)
         latest = self.kernel.latest(ctx.uid)
         if latest is None:
@@ -353,7 +370,7 @@ class Operations(pyfuse3.Operations):
         node = self._child(parent, os.fsdecode(name), ctx.uid)
         # A task's files go with the task: unlinking one succeeds and changes nothing, so
         # that `rm -r tasks/ID` reaches the rmdir that removes the task.
-        if node.kind != "task_file":
+        if node.kind not in ("task_file", "parent"):
             raise _fail(errno.EPERM)
 
     @_boundary
@@ -431,7 +448,7 @@ class Operations(pyfuse3.Operations):
             data, start = self.kernel.trace.read(off + h.skew, size)
             h.skew = start - off
             return data
-        if node.kind == "new":
+        if node.kind == "new" or node.file == "fork":
             await self._submit_pending(h)
             reply = f"{h.submitted.id}\n".encode() if h.submitted else b""
             data = reply[h.replied : h.replied + size]
@@ -465,9 +482,12 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handle(fh)
         node = h.node
-        if node.kind == "new" or node.file == "prompt":
-            if h.submitted is not None or (h.task and h.task.state is not State.DRAFT):
+        if node.kind == "new" or node.file in ("prompt", "fork"):
+            if h.submitted is not None or (node.file == "prompt" and h.task
+                                           and h.task.state is not State.DRAFT):
                 raise self.kernel.reject(h.uid, h.task, Busy("the prompt was already submitted"))
+            if node.file == "fork" and h.task is not None:
+                self.kernel.check_forkable(h.task, h.uid)
             try:
                 self.kernel.check_prompt_bytes(buf, before=len(h.pending))
             except AxfsError as e:
@@ -500,6 +520,8 @@ class Operations(pyfuse3.Operations):
         h.pending.clear()
         if h.node.kind == "new":
             h.submitted = await self.kernel.submit_new(h.uid, h.gid, data)
+        elif h.task is not None and h.node.file == "fork":
+            h.submitted = await self.kernel.fork(h.task, h.uid, h.gid, data)
         elif h.task is not None:
             await self.kernel.submit(h.task, data)
             h.submitted = h.task

@@ -77,6 +77,7 @@ def status(task: Task, cell_bytes: int) -> str:
         ("kv_bytes", task.kv_cells * cell_bytes),
         ("kv_reserved_cells", task.kv_reserved),
         ("kv_prefix_reused", task.prefix_reused),
+        ("parent", task.parent or "-"),
         ("kv_swapped", SwapSpace.where(task.saved) or "no"),
         ("submitted", _stamp(task.submitted_at)),
         ("queued_ms", _ms(task.submitted_at, task.started_at or (0 if task.finished else now))),
