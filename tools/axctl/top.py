@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import curses
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -185,6 +186,10 @@ def once(tree: Tree, width: int) -> str:
 
 
 def run(tree: Tree, interval: float) -> None:
+    # curses believes COLUMNS and LINES over the terminal's size, also after a resize:
+    # exported ones are stale (a shell keeps its own unexported), so the terminal decides.
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
     curses.wrapper(lambda screen: _Live(tree, screen, interval).loop())
 
 
