@@ -2,9 +2,11 @@
 
 Each step, the policy (axfs.policy) ranks every runnable task; the best ``slots`` of
 them should hold the model's sequence slots. A waiting task among them is admitted
-when a slot and its KV cells are free; if not, running tasks ranked below the slots
-that have had their turn (``min_turn`` tokens since admission) are preempted to make
-room, but only when that makes enough room (check, then commit). Every admitted task
+when a slot and its KV cells are free (cached sequences are evicted for it; see
+axfs.kv); if not, running tasks ranked below the slots that have had their turn are
+preempted to make room, but only when that makes enough room (check, then commit). A
+turn is ``quantum`` tokens since admission, or ``min_turn`` when the waiting task is a
+newcomer, so that tasks do not trade places (and swap their KV) at every step. Every admitted task
 with one token pending decodes it (continuous batching); the step's remaining token
 budget goes to prompt prefill in chunks, best ranked first, so a long prompt never
 stalls running streams. Under the fair policy, the first token of a user who had
@@ -59,12 +61,13 @@ class Costs:
 
 class Scheduler:
     def __init__(self, kv: KVManager, n_batch: int, policy: Policy, prefill_chunk: int = 256,
-                 min_turn: int = 4) -> None:
+                 min_turn: int = 4, quantum: int = 64) -> None:
         self.kv = kv
         self.n_batch = n_batch
         self.policy = policy
         self.prefill_chunk = min(prefill_chunk, n_batch)
-        self.min_turn = min_turn
+        self.min_turn = min_turn  # tokens a task runs before a newcomer may preempt it
+        self.quantum = quantum  # tokens a task runs before anyone else may
         self.costs = Costs()
         self.waiting: deque[Task] = deque()
         self.running: list[Task] = []
@@ -150,9 +153,9 @@ class Scheduler:
                    plan: StepPlan, pinned: set[int]) -> bool:
         """Preempt the fewest low-ranked running tasks that make room for ``task`` (never
         one whose prefix this step copies)."""
+        turn = self.min_turn if self.is_newcomer(task) else self.quantum
         victims = [t for t in reversed(ranked) if t.seq is not None and t not in wanted
-                   and t.seq not in pinned
-                   and t.num_processed - t.processed_at_start >= self.min_turn]
+                   and t.seq not in pinned and t.num_processed - t.processed_at_start >= turn]
         stats = self.kv.stats()
         slots = stats.slots - stats.slots_running  # cached slots can be evicted
         cells = stats.free_cells + stats.cached_cells

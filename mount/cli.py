@@ -142,6 +142,7 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
             "--model", str(model), "--state-dir", str(state_dir), "--ctx", str(args.ctx),
             "--slots", str(args.slots), "--batch", str(args.batch),
             "--repack", args.repack, "--policy", args.policy, "--log-level", args.log_level,
+            "--prefix-cache", args.prefix_cache, "--swap-mem", str(args.swap_mem),
             "--ready-fd", str(write_end)]
     if args.threads:
         argv += ["--threads", str(args.threads)]

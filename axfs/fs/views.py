@@ -146,6 +146,7 @@ def sched(kernel: Kernel) -> str:
         ("n_batch", s.n_batch),
         ("prefill_chunk", s.prefill_chunk),
         ("min_turn_tokens", s.min_turn),
+        ("quantum_tokens", s.quantum),
         ("preemptions", s.num_preemptions),
         ("steps", kernel.engine.num_steps),
         ("tokens", kernel.engine.num_tokens),
