@@ -35,9 +35,13 @@ tasks/ID/status      state (draft queued running preempted done failed killed) a
 tasks/ID/config      parameters, "key value" lines: model max_tokens temperature top_k
                      top_p seed stop priority; writable until the task starts
 tasks/ID/ctl         write "kill" or "priority N" (a weight, 1-10000, default 100)
+tasks/ID/fork        write a follow-up -> a child task continuing this task's text and
+                     sharing its KV; read the same open file -> the child's id
+tasks/ID/parent      (a fork's) symlink to the task it continues
 tasks/ID/error       why the task failed or why the last write to it was refused
 rm -r tasks/ID       kill the task if it runs and remove it
-memory               the KV cache, like /proc/meminfo
+memory               the KV cache, like /proc/meminfo: used = running + cached, prefix
+                     cache hits, evictions, swap
 sched                the scheduler: policy, queue, batch, each user's share and use
 trace                one line per scheduler event; tail -f follows it
 devices              CPU and NVIDIA GPUs
