@@ -177,7 +177,7 @@ def test_status_shows_the_box_at_a_glance(ax: Mount) -> None:
     out = done.stdout
     for section in ("Models", "Devices", "Memory", "Queue", "Tasks"):
         assert f"\n{section}\n" in out
-    assert "  tiny  [default, loaded]  llama," in out
+    assert "  tiny  [default, loaded]\n    llama, " in out
     assert "cpu0: " in out and "cores" in out
     capacity = ax.read("memory").split()[1]
     assert "KV cache " in out and f"of {capacity} cells used" in out

@@ -21,12 +21,13 @@ def user_name(uid: str) -> str:
         return uid
 
 
-def human(n: float) -> str:
-    """268098176 -> 268.1M."""
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+def human(n: float, unit: str = "") -> str:
+    """268098176 -> 268.1M; with a unit, 246587904, "B" -> 246.6 MB."""
+    space = " " if unit else ""
+    for prefix, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:g}"
+            return f"{n / size:.1f}{space}{prefix}{unit}"
+    return f"{n:g}{space}{unit}"
 
 
 def percent(part: float, whole: float) -> str:
@@ -44,10 +45,10 @@ def models(tree: Tree) -> list[str]:
         marks = ", ".join(m for m, key in (("default", "default"), ("loaded", "loaded"))
                           if info.get(key) == "yes") or "not loaded"
         params = first_number(info.get("parameters"))
-        lines.append(f"  {name}  [{marks}]  {info.get('architecture', '?')}, "
-                     f"{human(params)} parameters, {info.get('quantisation', '?')}, "
-                     f"context {info.get('context_length', '?')}, "
-                     f"{human(first_number(info.get('size_bytes')))}B, on {info.get('device', '?')}")
+        lines += [f"  {name}  [{marks}]",
+                  f"    {info.get('architecture', '?')}, {human(params)} parameters, "
+                  f"{info.get('quantisation', '?')}, context {info.get('context_length', '?')}, "
+                  f"{human(first_number(info.get('size_bytes')), 'B')}, on {info.get('device', '?')}"]
     return lines or ["  none"]
 
 
@@ -87,7 +88,7 @@ def wrap(items: list[str], width: int = 100, indent: str = "  ") -> list[str]:
 
 
 def memory(tree: Tree) -> list[str]:
-    """A summary line of the KV cache, then every field of ``memory`` as it is."""
+    """A summary of the KV cache, then the other fields of ``memory`` that are not zero."""
     m = tree.fields("memory")
     cap, used = first_number(m.get("KVCapacity")), first_number(m.get("KVUsed"))
     summary = f"  KV cache {used:g} of {cap:g} cells used ({percent(used, cap)})"
@@ -95,7 +96,10 @@ def memory(tree: Tree) -> list[str]:
         summary += f", {first_number(m['KVFree']):g} free"
     if "Sequences" in m:
         summary += f"; sequences {m['Sequences']}"
-    return [summary, *wrap([f"{k} {v}" for k, v in m.items()])]
+    summarised = ("KVCapacity", "KVUsed", "KVFree", "Sequences")
+    rest = [f"{k} {v}" for k, v in m.items()
+            if not k.startswith(summarised) and first_number(v, default=1.0) != 0]
+    return [summary, *wrap(rest), f"  (counters at zero left out: cat {tree.path('memory')})"]
 
 
 def queue(tree: Tree) -> list[str]:

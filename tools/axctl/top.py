@@ -33,6 +33,7 @@ class Row:
     kv: int
     wait_ms: float
     prompt: str
+    submitted: str  # ISO time, to the second: "-" for a draft
 
 
 def _id_key(r: Row) -> tuple[bool, int, str]:
@@ -100,7 +101,7 @@ class Reader:
         row = Row(task, user_name(s.get("uid", "?")), s.get("model", "?"), state,
                   int(first_number(s.get("priority"))), int(first_number(s.get("generated_tokens"))),
                   None if rate == "-" else first_number(rate), int(first_number(s.get("kv_cells"))),
-                  first_number(s.get("waited_ms")), self.prompts[task])
+                  first_number(s.get("waited_ms")), self.prompts[task], s.get("submitted", "-"))
         if state in ENDED:
             self.ended[task] = row
         return row
@@ -134,7 +135,7 @@ class View:
     def rows(self, snap: Snapshot) -> list[Row]:
         col = COLUMNS[self.sort]
         rows = [r for r in snap.rows if self.show_ended or r.state not in ENDED]
-        rows.sort(key=_id_key, reverse=True)  # ties: newest first
+        rows.sort(key=lambda r: (r.submitted, _id_key(r)), reverse=True)  # ties: newest first
         rows.sort(key=col.key, reverse=col.descending != self.reverse)
         return rows
 
@@ -180,8 +181,13 @@ def frame(tree: Tree, snap: Snapshot, view: View, rate: float | None, width: int
 
 
 def once(tree: Tree, width: int) -> str:
+    """One frame as text; the throughput is measured over half a second before it."""
+    start, tokens = time.monotonic(), first_number(parse_fields(tree.read("sched")).get("tokens"), -1)
+    time.sleep(0.5)
     snap = Reader(tree).snapshot()
-    lines, _ = frame(tree, snap, View(), None, width)
+    now = first_number(snap.sched.get("tokens"), -1)
+    rate = (now - tokens) / (snap.taken - start) if tokens >= 0 and now >= tokens else None
+    lines, _ = frame(tree, snap, View(), rate, width)
     return "\n".join(lines) + "\n"
 
 
