@@ -131,7 +131,7 @@ async def test_readdir_lists_the_tree(ops: Operations, monkeypatch: pytest.Monke
     for path, names in [("", {b"README", b"models", b"tasks", b"memory", b"sched", b"trace",
                               b"devices"}),
                         ("tasks", {b"new", b"latest", b"1"}),
-                        ("tasks/1", {b"prompt", b"stream", b"status", b"config", b"ctl",
+                        ("tasks/1", {b"prompt", b"stream", b"status", b"config", b"ctl", b"fork",
                                      b"error"}),
                         ("models", {b"fake"})]:
         seen.clear()
