@@ -91,12 +91,14 @@ class Engine:
                 self._wake = trio.Event()
                 continue
             for task, _, keep in plan.preempted:
+                task.mark("preempt", keep_kv=keep)
                 self.trace.emit("preempt", task.id, task.uid, cells=task.num_cached if keep else 0,
                                 keep_kv="yes" if keep else "no")
             for slot in plan.evicted:
                 self.trace.emit("evict", seq=slot)
             for adm in plan.admissions:
                 task = adm.task
+                task.mark("admit", seq=adm.slot, prefix=adm.prefix)
                 self.trace.emit("admit", task.id, task.uid, seq=task.seq, kv_cells=task.kv_reserved,
                                 prefix=adm.prefix, resumed="yes" if task.saved else "no")
             closed, self._to_close = self._to_close, []
@@ -173,6 +175,7 @@ class Engine:
             if task.finished or task.seq != piece.seq:
                 continue  # killed while the step ran
             prefill = len(piece.tokens) > 1 or task.num_cached < len(task.prompt_tokens)
+            task.mark_step("prefill" if prefill else "decode", len(plan.pieces), len(piece.tokens))
             task.num_cached += len(piece.tokens)
             self.scheduler.kv.grow(piece.seq, len(piece.tokens))
             self.scheduler.charge(task, len(piece.tokens))
@@ -186,9 +189,11 @@ class Engine:
             task.add_token(token, self.driver.piece(token), self.driver.is_eog(token),
                            limit_reached=task.num_history + 1 > task.kv_reserved)
             if first:
+                task.mark("first_token")
                 self.trace.emit("first_token", task.id, task.uid,
                                 ms=round((task.first_token_at - task.submitted_at) * 1000, 1))
             if task.finished:
+                task.mark("done", reason=task.finish_reason, tokens=task.num_generated)
                 self.trace.emit("done", task.id, task.uid, reason=task.finish_reason,
                                 tokens=task.num_generated,
                                 seconds=round(time.time() - task.submitted_at, 3))

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import trio
 
 from axfs.config import TaskConfig
 from axfs.engine import Engine
-from axfs.errors import AxfsError, BadInput, Busy, Exists, NoSpace, NotFound, TooLarge
+from axfs.errors import AxfsError, BadInput, Busy, Exists, NoSpace, NotFound
 from axfs.kv import KVManager
+from axfs.persist import Keeper
 from axfs.policy import make_policy
+from axfs.quota import Limits, Quota
+from axfs.replay import Replays
 from axfs.scheduler import Scheduler
 from axfs.swap import SwapSpace
 from axfs.task import State, Task
@@ -26,14 +30,15 @@ from drivers.base import Driver
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPT_BYTES = 1 << 20
+MAX_PROMPT_BYTES = Limits().prompt_bytes  # everyone's default limit
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RESERVED_NAMES = frozenset({"new", "latest"})
 
 
 class Kernel:
     def __init__(self, driver: Driver, trace: Trace | None = None, policy: str = "fair",
-                 prefix_cache: bool = True, swap: SwapSpace | None = None) -> None:
+                 prefix_cache: bool = True, swap: SwapSpace | None = None,
+                 keeper: Keeper | None = None, quota: Quota | None = None) -> None:
         self.driver = driver
         self.model = driver.info
         self.trace = trace or Trace()
@@ -45,14 +50,35 @@ class Kernel:
         self.engine = Engine(driver, self.scheduler, self.trace, swap)
         self.engine.on_end = self._ended
         self.defaults = TaskConfig(model=self.model.name)
+        self.quota = quota or Quota()
+        self.quota.usage = lambda uid: int(self.scheduler.policy.users().get(uid, (0.0, 0.0))[1])
         self.tasks: dict[str, Task] = {}
         self._forks: dict[str, list[Task]] = {}  # parent id -> forks waiting for it to end
         self._latest: dict[int, str] = {}
         self._next_id = 1
-        self.trace.emit("model_load", model=self.model.name, path=self.model.path)
+        self.keeper = keeper
+        self.replays = Replays(self)
+        self.trace.emit("model_load", model=self.model.name, path=self.model.path,
+                        sha256=keeper.model_sha if keeper else "-")
 
     async def run(self) -> None:
-        await self.engine.run()
+        async with trio.open_nursery() as nursery:
+            if self.keeper is not None:
+                nursery.start_soon(self.keeper.run, self)
+            await self.engine.run()
+
+    def restore(self) -> None:
+        """Bring back the journaled tasks (see axfs.persist)."""
+        if self.keeper is not None:
+            self.keeper.restore(self)
+
+    def close(self) -> None:
+        if self.keeper is not None:
+            self.keeper.close()
+
+    @property
+    def model_sha(self) -> str:
+        return self.keeper.model_sha if self.keeper else ""
 
     @property
     def models(self) -> set[str]:
@@ -85,15 +111,14 @@ class Kernel:
         elif name in self.tasks:
             raise Exists(f"task {name} exists")
         task = Task(name, uid, gid, self.defaults.copy())
+        self.quota.track(task)
         self.tasks[name] = task
         return task
 
-    @staticmethod
-    def check_prompt_bytes(data: bytes, before: int = 0) -> None:
+    def check_prompt_bytes(self, data: bytes, before: int = 0, uid: int = 0) -> None:
         """The checks a prompt can fail while it is being written: ``data`` is the newest
         part of it, after ``before`` bytes already checked."""
-        if before + len(data) > MAX_PROMPT_BYTES:
-            raise TooLarge(f"prompt is over {MAX_PROMPT_BYTES} bytes")
+        self.quota.check_prompt_bytes(uid, before + len(data))
         if b"\0" in data:
             raise BadInput("prompt contains a NUL byte")
 
@@ -101,11 +126,13 @@ class Kernel:
         """Queue the draft ``task`` with ``data`` as its prompt."""
         if task.state is not State.DRAFT:
             raise self.reject(task.uid, task, Busy(f"task {task.id} was already submitted"))
+        self._check_quota(task.uid, task, task.config)
         await self._queue(task, self._prompt_text(task.uid, task, data))
 
     async def submit_new(self, uid: int, gid: int, data: bytes) -> Task:
         """``echo PROMPT > tasks/new``: a new task with default parameters, queued."""
         text = self._prompt_text(uid, None, data)
+        self._check_quota(uid, None, None)
         task = self.create(uid, gid)
         await self._queue(task, text)
         return task
@@ -113,7 +140,7 @@ class Kernel:
     def _prompt_text(self, uid: int, task: Task | None, data: bytes) -> str:
         """The prompt as text, with one trailing newline (echo's) dropped; or why not."""
         try:
-            self.check_prompt_bytes(data)
+            self.check_prompt_bytes(data, uid=uid)
             text = data.decode("utf-8").removesuffix("\n")
         except UnicodeDecodeError as e:
             raise self.reject(uid, task, BadInput(
@@ -133,6 +160,7 @@ class Kernel:
         """
         self.check_forkable(parent, uid)
         text = self._prompt_text(uid, parent, data)
+        self._check_quota(uid, parent, parent.config)
         tokens = await trio.to_thread.run_sync(lambda: self.driver.tokenize(text, bos=False))
         task = self.create(uid, gid)
         task.config = parent.config.copy()
@@ -146,7 +174,16 @@ class Kernel:
             task.submit(text, [])
             self._forks.setdefault(parent.id, []).append(task)
             self.trace.emit("fork", task.id, uid, parent=parent.id, waiting="yes")
+            if self.keeper is not None:
+                self.keeper.submitted(task)
         return task
+
+    def _check_quota(self, uid: int, task: Task | None, config: TaskConfig | None) -> None:
+        """Whether ``uid`` may queue one more task (with ``config``; None: the defaults)."""
+        try:
+            self.quota.check_submit(uid, config)
+        except AxfsError as e:
+            raise self.reject(uid, task, e) from e
 
     def check_forkable(self, parent: Task, uid: int) -> None:
         if parent.state is State.DRAFT:
@@ -165,7 +202,11 @@ class Kernel:
         self._enqueue(task)
 
     def _ended(self, task: Task) -> None:
-        """The engine's word that ``task`` ended: start the forks waiting for it."""
+        """The engine's word that ``task`` ended: journal it, start the forks waiting for
+        it, finish a replay."""
+        if self.keeper is not None:
+            self.keeper.ended(task)
+        self.replays.ended(task)
         for child in self._forks.pop(task.id, []):
             if not child.finished:
                 self._start_fork(child, task)
@@ -180,6 +221,9 @@ class Kernel:
         tokens = task.prompt_tokens
         self.trace.emit("submit", task.id, task.uid, prompt_tokens=len(tokens),
                         max_tokens=task.config.max_tokens, model=task.config.model)
+        task.mark("submit", prompt_tokens=len(tokens), max_tokens=task.config.max_tokens)
+        if self.keeper is not None:
+            self.keeper.submitted(task)
         if len(tokens) >= self.kv.seq_limit:
             error = NoSpace(f"prompt is {len(tokens)} tokens; a task's context holds "
                             f"{self.kv.seq_limit} tokens with room for at least one more")
@@ -195,9 +239,11 @@ class Kernel:
             raise self.reject(task.uid, task, Busy(
                 f"task {task.id} is {task.state}: config is writable until the task starts"))
         try:
-            task.config = task.config.updated(text, self.models)
-        except BadInput as e:
+            config = task.config.updated(text, self.models)
+            self.quota.check_config(task.uid, config)
+        except AxfsError as e:
             raise self.reject(task.uid, task, e) from e
+        task.config = config
         if task.state is State.QUEUED:
             task.config.fix_seed()
         self.trace.emit("config", task.id, task.uid, text=text.strip())
@@ -218,19 +264,65 @@ class Kernel:
         raise self.reject(task.uid, task, BadInput(
             f"ctl: cannot parse {text.strip()[:60]!r} (commands: kill, priority N)"))
 
+    def replay(self, task: Task, text: str) -> None:
+        """A command written to replay/ID/ctl (``run``)."""
+        try:
+            self.replays.control(task, text)
+        except AxfsError as e:
+            raise self.reject(task.uid, task, e) from e
+
     def kill(self, task: Task) -> None:
         if task.finished:
             return
         self.trace.emit("kill", task.id, task.uid, state=task.state, tokens=task.num_generated)
         self.engine.end(task, State.KILLED, "killed")
 
-    def remove(self, task: Task) -> None:
+    def remove(self, task: Task, reason: str = "rm") -> None:
         """``rm -r tasks/ID``: kill the task if it still runs, then forget it."""
         self.kill(task)
-        del self.tasks[task.id]
+        self.tasks.pop(task.id, None)
         if self._latest.get(task.uid) == task.id:
             del self._latest[task.uid]
-        self.trace.emit("remove", task.id, task.uid)
+        if self.keeper is not None:
+            self.keeper.removed(task)
+        self.trace.emit("remove", task.id, task.uid, reason=reason)
+
+    # -- restoring (axfs.persist) ---------------------------------------------------
+
+    def adopt(self, task: Task) -> None:
+        """Put a task read back from the journal into the tree."""
+        self.tasks[task.id] = task
+        latest = self.latest(task.uid)
+        if latest is None or latest.submitted_at <= task.submitted_at:
+            self._latest[task.uid] = task.id
+        if task.id.isdigit():
+            self._next_id = max(self._next_id, int(task.id) + 1)
+
+    def resume(self, task: Task, generated: list[int]) -> None:
+        """Queue an unfinished journaled task, with the tokens it had generated: its
+        text is rebuilt from them and it runs on from there."""
+        for token in generated:
+            if task.finished:
+                break
+            task.add_token(token, self.driver.piece(token), self.driver.is_eog(token),
+                           limit_reached=False)
+        self.trace.emit("resume", task.id, task.uid, tokens=len(generated))
+        if task.finished:
+            self.engine.end(task, task.state, task.finish_reason)
+            return
+        task.state = State.QUEUED
+        task.waiting_since = time.time()
+        self.engine.add(task)
+
+    def resume_fork(self, task: Task) -> None:
+        parent = self.tasks.get(task.parent)
+        if parent is None:
+            self.engine.end(task, State.FAILED, "error",
+                            f"task {task.parent}, which this one continues, is gone")
+        elif parent.finished:
+            self._start_fork(task, parent)
+        else:
+            self._forks.setdefault(parent.id, []).append(task)
 
     def reject(self, uid: int, task: Task | None, error: AxfsError) -> AxfsError:
         """Record why a request was refused (trace, task error file) and return it to raise."""

@@ -174,7 +174,7 @@ class KVManager:
         need = self.need(task)
         source, prefix = None, 0
         restoring = isinstance(task.saved, SeqState) and task.saved.kv is not None
-        if self.prefix_cache and task.num_cached == 0 and not restoring:
+        if self.prefix_cache and task.num_cached == 0 and not restoring and not task.exclusive:
             source, prefix, pending = self._best_prefix(task)
             if prefix < MIN_PREFIX:
                 source, prefix = None, 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import enum
 import time
+from typing import Any
 
 import trio
 
@@ -48,6 +49,10 @@ class Task:
         self.saved: object | None = None  # the driver's saved state while preempted
         self.prefix_reused = 0  # prompt tokens copied from another sequence, not computed
         self.parent = ""  # the task this one was forked from
+        self.model_sha = ""  # sha256 of the model file it was submitted to
+        self.exclusive = False  # runs alone in its steps (a replay)
+        # What happened to it, for replay/ID/timeline: [ms since submission, event, details]
+        self.timeline: list[tuple[float, str, dict[str, Any]]] = []
         self.follow_up: list[int] = []  # a fork's own tokens, appended to its parent's text
         self.num_preempted = 0
         self.num_processed = 0  # tokens run through the model for it (prefill and decode)
@@ -101,6 +106,26 @@ class Task:
     def waited_total_s(self) -> float:
         now = time.time()
         return self.waited_s + (now - self.waiting_since if self.waiting_since else 0.0)
+
+    def mark(self, event: str, **details: object) -> None:
+        """Add ``event`` to the timeline."""
+        base = self.submitted_at or self.created_at
+        self.timeline.append((round((time.time() - base) * 1000, 1), event, details))
+
+    def mark_step(self, kind: str, batch: int, tokens: int) -> None:
+        """Count one step it ran in: consecutive steps of one kind share a timeline entry."""
+        now = round((time.time() - (self.submitted_at or self.created_at)) * 1000, 1)
+        last = self.timeline[-1] if self.timeline else None
+        if last is not None and last[1] == kind:
+            d = last[2]
+            d["until_ms"] = now
+            d["steps"] += 1
+            d["tokens"] += tokens
+            d["batch_min"] = min(d["batch_min"], batch)
+            d["batch_max"] = max(d["batch_max"], batch)
+            return
+        self.timeline.append((now, kind, {"until_ms": now, "steps": 1, "tokens": tokens,
+                                          "batch_min": batch, "batch_max": batch}))
 
     # -- waking readers ------------------------------------------------------------
 

@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep ended tasks' KV for prompts that begin the same way")
     m.add_argument("--swap-mem", type=int, default=512, metavar="MIB",
                    help="MiB of preempted tasks' KV kept in memory; the rest goes to the state dir")
+    m.add_argument("--keep-tasks", type=int, default=1000, metavar="N",
+                   help="finished tasks kept (in the tree and the journal)")
+    m.add_argument("--keep-days", type=float, default=7.0, metavar="DAYS",
+                   help="days a finished task is kept")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount the tree and stop its daemon")
@@ -127,7 +131,8 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
                         slots=args.slots, n_batch=args.batch, threads=args.threads,
                         repack={"auto": None, "on": True, "off": False}[args.repack],
                         policy=args.policy, allow_other=args.allow_other,
-                        prefix_cache=args.prefix_cache == "on", swap_mem=args.swap_mem << 20)
+                        prefix_cache=args.prefix_cache == "on", swap_mem=args.swap_mem << 20,
+                        keep_tasks=args.keep_tasks, keep_days=args.keep_days)
     try:
         return serve(opts, ready)
     finally:
@@ -143,6 +148,7 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
             "--slots", str(args.slots), "--batch", str(args.batch),
             "--repack", args.repack, "--policy", args.policy, "--log-level", args.log_level,
             "--prefix-cache", args.prefix_cache, "--swap-mem", str(args.swap_mem),
+            "--keep-tasks", str(args.keep_tasks), "--keep-days", str(args.keep_days),
             "--ready-fd", str(write_end)]
     if args.threads:
         argv += ["--threads", str(args.threads)]

@@ -21,7 +21,9 @@ import pyfuse3
 import trio
 
 from axfs.fs.operations import Operations
+from axfs.journal import Journal
 from axfs.kernel import Kernel
+from axfs.persist import Keeper, Retention, file_sha256
 from axfs.swap import SwapSpace
 from drivers.base import ModelLoadError
 from drivers.llamacpp import LlamaCppDriver
@@ -49,6 +51,8 @@ class MountOptions:
     allow_other: bool = False
     prefix_cache: bool = True
     swap_mem: int = 512 << 20  # bytes of preempted sequences kept in memory; more go to disk
+    keep_tasks: int = 1000  # finished tasks kept in the tree and the journal
+    keep_days: float = 7.0  # ... and for how long
 
 
 def prepare_mountpoint(mountpoint: Path) -> None:
@@ -88,8 +92,10 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
         ready(f"error: {e}")
         return 1
     try:
+        keeper = Keeper(Journal(opts.state_dir), file_sha256(opts.model, opts.state_dir),
+                        Retention(opts.keep_tasks, opts.keep_days * 86400))
         kernel = Kernel(driver, policy=opts.policy, prefix_cache=opts.prefix_cache,
-                        swap=SwapSpace(opts.swap_mem, opts.state_dir / "swap"))
+                        swap=SwapSpace(opts.swap_mem, opts.state_dir / "swap"), keeper=keeper)
         ops = Operations(kernel)
         options = set(pyfuse3.default_options) | {"fsname=axfs", "subtype=axfs"}
         if opts.allow_other:
@@ -102,6 +108,7 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
         try:
             trio.run(_main, kernel, ready)
         finally:
+            kernel.close()
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=True)
     finally:
@@ -111,6 +118,7 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
 
 
 async def _main(kernel: Kernel, ready: Callable[[str], None]) -> None:
+    kernel.restore()  # the journaled tasks are back before the first request is served
     async with trio.open_nursery() as nursery:
         nursery.start_soon(kernel.run)
         nursery.start_soon(_on_signals)

@@ -21,7 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from axfs import devices
+from axfs import devices, replay
 from axfs.errors import AxfsError, BadInput, Busy, Exists, NoSpace, NotFound, TooLarge
 from axfs.fs import views
 from axfs.kernel import Kernel
@@ -80,7 +80,9 @@ TASKS = Node("tasks")
 MODELS = Node("models")
 ROOT_FILES = {"README": Node("readme"), "memory": Node("memory"), "sched": Node("sched"),
               "trace": Node("trace"), "devices": Node("devices")}
-ROOT_DIRS = {"models": MODELS, "tasks": TASKS}
+REPLAY = Node("replay")
+ROOT_DIRS = {"models": MODELS, "tasks": TASKS, "replay": REPLAY}
+REPLAY_FILES = ("timeline", "ctl", "result")
 
 
 @dataclass(slots=True)
@@ -140,7 +142,7 @@ class Operations(pyfuse3.Operations):
         return node
 
     def _exists(self, node: Node) -> bool:
-        if node.kind in ("task", "task_file", "parent"):
+        if node.kind in ("task", "task_file", "parent", "replay_task", "replay_file"):
             return node.name in self.kernel.tasks
         if node.kind in ("model", "model_info"):
             return node.name in self.kernel.models
@@ -161,6 +163,10 @@ class Operations(pyfuse3.Operations):
                 node = Node("task", name) if name in self.kernel.tasks else None
         elif parent is MODELS:
             node = Node("model", name) if name in self.kernel.models else None
+        elif parent is REPLAY:
+            node = Node("replay_task", name) if name in self.kernel.tasks else None
+        elif parent.kind == "replay_task":
+            node = Node("replay_file", parent.name, name) if name in REPLAY_FILES else None
         elif parent.kind == "task":
             if name == "parent":
                 node = Node("parent", parent.name) if self._task(parent).parent else None
@@ -179,12 +185,15 @@ class Operations(pyfuse3.Operations):
             return [(n, c) for n, c in {**ROOT_FILES, **ROOT_DIRS}.items()]
         if node is MODELS:
             return [(m, Node("model", m)) for m in sorted(self.kernel.models)]
+        if node is REPLAY:
+            return [(i, Node("replay_task", i)) for i in self._task_ids()]
+        if node.kind == "replay_task":
+            return [(f, Node("replay_file", node.name, f)) for f in REPLAY_FILES]
         if node is TASKS:
             found = [("new", Node("new"))]
             if self.kernel.latest(uid):
                 found.append(("latest", Node("latest")))
-            ids = sorted(self.kernel.tasks, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))
-            return found + [(i, Node("task", i)) for i in ids]
+            return found + [(i, Node("task", i)) for i in self._task_ids()]
         if node.kind == "task":
             files = [(f, Node("task_file", node.name, f)) for f in TASK_FILES]
             if self._task(node).parent:
@@ -193,6 +202,9 @@ class Operations(pyfuse3.Operations):
         if node.kind == "model":
             return [("info", Node("model_info", node.name))]
         raise _fail(errno.ENOTDIR)
+
+    def _task_ids(self) -> list[str]:
+        return sorted(self.kernel.tasks, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))
 
     # -- attributes ----------------------------------------------------------------
 
@@ -204,7 +216,7 @@ class Operations(pyfuse3.Operations):
         a.st_uid, a.st_gid = 0, 0
         a.st_blksize = 4096
         mtime = self.started
-        if node.kind in ("root", "tasks", "models", "task", "model"):
+        if node.kind in ("root", "tasks", "models", "task", "model", "replay", "replay_task"):
             mode, size = stat.S_IFDIR | 0o755, 0
             a.st_nlink = 2
         elif node.kind == "latest":
@@ -217,7 +229,7 @@ class Operations(pyfuse3.Operations):
         else:
             mode, size = stat.S_IFREG | self._file_mode(node), self._size(node, uid)
             a.st_nlink = 1
-        if node.kind in ("task", "task_file", "parent"):
+        if node.kind in ("task", "task_file", "parent", "replay_task", "replay_file"):
             task = self._task(node)
             a.st_uid, a.st_gid = task.uid, task.gid
             mtime = int(task.updated_at * 1e9)
@@ -233,6 +245,8 @@ class Operations(pyfuse3.Operations):
     def _file_mode(self, node: Node) -> int:
         if node.kind == "new":
             return 0o666
+        if node.kind == "replay_file":
+            return 0o644 if node.file == "ctl" else 0o444
         if node.kind == "task_file" and node.file in WRITABLE:
             if node.file == "prompt" and self._task(node).state is not State.DRAFT:
                 return 0o444
@@ -258,6 +272,12 @@ class Operations(pyfuse3.Operations):
             return views.model_info(info, loaded=True, default=True).encode()
         task = self._task(node)
         f = node.file
+        if kind == "replay_file":
+            if f == "timeline":
+                return replay.timeline(task, self.kernel.model_sha).encode()
+            if f == "result":
+                return self.kernel.replays.result(task).encode()
+            return b""
         if f == "prompt":
             return task.prompt.encode()
         if f == "status":
@@ -298,7 +318,8 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        writable = node.kind == "new" or (node.kind == "task_file" and node.file in WRITABLE)
+        writable = node.kind == "new" or (node.kind == "task_file" and node.file in WRITABLE) or (
+            node.kind == "replay_file" and node.file == "ctl")
         only_truncate = fields.update_size and attr.st_size == 0 and not (
             fields.update_mode or fields.update_uid or fields.update_gid)
         # `echo x > file` may truncate first; truncating a control file to 0 is harmless.
@@ -413,9 +434,9 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         if node.kind not in ("readme", "memory", "sched", "trace", "devices", "new", "model_info",
-                             "task_file"):
+                             "task_file", "replay_file"):
             raise _fail(errno.EISDIR)
-        task = self._task(node) if node.kind == "task_file" else None
+        task = self._task(node) if node.kind in ("task_file", "replay_file") else None
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if writing and not self._file_mode(node) & 0o200:
             if task is not None:
@@ -498,7 +519,11 @@ class Operations(pyfuse3.Operations):
         if h.task is None:
             raise _fail(errno.EBADF)
         text = self._text(h, buf)
-        if node.file == "config":
+        if node.kind == "replay_file":
+            if node.file != "ctl":
+                raise _fail(errno.EBADF)
+            self.kernel.replay(h.task, text)
+        elif node.file == "config":
             self.kernel.configure(h.task, text)
         elif node.file == "ctl":
             self.kernel.control(h.task, text)

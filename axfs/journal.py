@@ -1,0 +1,256 @@
+"""The journal: every accepted task, what it generated and how it ended, on disk.
+
+One append-only file, ``STATE_DIR/journal.msgpack``, a stream of msgpack maps:
+
+- ``{"t": "model", "name", "path", "sha256", "at"}`` when a model is loaded;
+- ``{"t": "task", ...}`` when a task is submitted: id, owner, parameters, prompt text
+  and tokens, parent, the model's sha256 (see ``task_record``);
+- ``{"t": "gen", "id", "k": [token ids]}`` the tokens a task generated since the last
+  such record, written at most ``interval`` seconds after they were generated;
+- ``{"t": "end", "id", "state", "reason", "error", "text", ...}`` when it ends, with the
+  text of its stream and its timeline;
+- ``{"t": "rm", "id"}`` when it is removed.
+
+When records reach the disk: a submission is written and fsync'ed before the write
+that submitted it returns, so an accepted task survives a power failure; generated
+tokens and ends are written every ``interval`` seconds (default 1) and fsync'ed then.
+A power failure loses at most that last second of tokens and ends, which a restart
+computes again (the tasks run on from what was kept). A crash of the daemon alone
+loses nothing written, since written data is in the kernel's page cache.
+
+A file whose last record was cut mid-write (a torn tail) loads everything before it;
+the tail is reported (``journal_torn`` in the trace, and the log) and cut off.
+Compaction rewrites the file with one ``task`` record per task kept, written to a new
+file that replaces the old one atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from axfs.config import TaskConfig
+from axfs.task import State, Task
+
+log = logging.getLogger(__name__)
+
+NAME = "journal.msgpack"
+TIMES = ("created_at", "submitted_at", "started_at", "first_token_at", "finished_at")
+
+
+def task_record(task: Task, model_sha: str) -> dict[str, Any]:
+    """What a submission records: enough to run the task again from the start."""
+    return {
+        "t": "task", "id": task.id, "uid": task.uid, "gid": task.gid,
+        "config": dataclasses.asdict(task.config), "prompt": task.prompt,
+        "tokens": task.prompt_tokens, "parent": task.parent, "follow_up": task.follow_up,
+        "model_sha": model_sha, **{k: getattr(task, k) for k in TIMES},
+    }
+
+
+def end_record(task: Task) -> dict[str, Any]:
+    return {
+        "t": "end", "id": task.id, "state": task.state.value, "reason": task.finish_reason,
+        "error": task.error, "text": bytes(task.output), "preempted": task.num_preempted,
+        "processed": task.num_processed, "waited": task.waited_s, "reused": task.prefix_reused,
+        "timeline": task.timeline, **{k: getattr(task, k) for k in TIMES},
+    }
+
+
+@dataclass(slots=True)
+class Entry:
+    """One task as the journal knows it."""
+
+    record: dict[str, Any]
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    end: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Loaded:
+    tasks: dict[str, Entry]
+    models: list[dict[str, Any]]
+    records: int
+    torn_at: int | None = None  # byte offset of a torn tail, if there was one
+    torn_bytes: int = 0
+
+
+def make_task(entry: Entry) -> Task:
+    """A Task from its journal entry: its parameters, prompt, output and times (the
+    caller decides what an unfinished one does next)."""
+    r = entry.record
+    config = TaskConfig(**r["config"])
+    task = Task(r["id"], r["uid"], r["gid"], config)
+    task.prompt = r["prompt"]
+    task.prompt_tokens = list(r["tokens"])
+    task.parent = r.get("parent", "")
+    task.follow_up = list(r.get("follow_up", []))
+    task.model_sha = r.get("model_sha", "")
+    for k in TIMES:
+        setattr(task, k, r.get(k, 0.0))
+    task.state = State.QUEUED
+    end = entry.end
+    if end is not None:
+        task.output_tokens = list(entry.tokens)
+        task.output = bytearray(end["text"])
+        task.state = State(end["state"])
+        task.finish_reason = end["reason"]
+        task.error = end["error"]
+        task.num_preempted = end.get("preempted", 0)
+        task.num_processed = end.get("processed", 0)
+        task.waited_s = end.get("waited", 0.0)
+        task.prefix_reused = end.get("reused", 0)
+        task.timeline = [tuple(e) for e in end.get("timeline", [])]
+        for k in TIMES:
+            setattr(task, k, end.get(k, getattr(task, k)))
+    return task
+
+
+class Journal:
+    def __init__(self, directory: Path, interval: float = 1.0) -> None:
+        self.path = directory / NAME
+        self.interval = interval
+        self._buf = bytearray()
+        self._fd: int | None = None
+        self._lock = threading.Lock()  # the buffer: appended in the trio thread
+        self._write_lock = threading.RLock()  # the file: flushed from worker threads too
+        self.bytes_written = 0
+        self.records = 0
+
+    # -- reading -----------------------------------------------------------------
+
+    def load(self) -> Loaded:
+        """Read the journal; a torn tail is cut off (and reported in the result)."""
+        loaded = Loaded(tasks={}, models=[], records=0)
+        if not self.path.exists():
+            return loaded
+        size = self.path.stat().st_size
+        good = 0
+        with open(self.path, "rb") as f:
+            unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False)
+            try:
+                for rec in self._records(unpacker):
+                    self._apply(loaded, rec)
+                    loaded.records += 1
+                    good = unpacker.tell()
+            except (ValueError, msgpack.UnpackException, KeyError, TypeError) as e:
+                log.warning("journal: bad record at byte %d: %s", good, e)
+            else:
+                good = unpacker.tell()
+        if good < size:
+            loaded.torn_at, loaded.torn_bytes = good, size - good
+            log.warning("journal %s: torn tail of %d bytes at byte %d, cut off", self.path,
+                        size - good, good)
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+                os.fsync(f.fileno())
+        return loaded
+
+    @staticmethod
+    def _records(unpacker: msgpack.Unpacker) -> Iterator[dict[str, Any]]:
+        for rec in unpacker:
+            if not isinstance(rec, dict) or "t" not in rec:
+                raise ValueError("not a journal record")
+            yield rec
+
+    @staticmethod
+    def _apply(loaded: Loaded, rec: dict[str, Any]) -> None:
+        kind = rec["t"]
+        if kind == "model":
+            loaded.models.append(rec)
+        elif kind == "task":
+            loaded.tasks[rec["id"]] = Entry(record=rec, tokens=list(rec.get("generated", [])),
+                                            end=rec.get("end"))
+        elif kind == "gen":
+            entry = loaded.tasks.get(rec["id"])
+            if entry is not None:
+                entry.tokens += rec["k"]
+        elif kind == "end":
+            entry = loaded.tasks.get(rec["id"])
+            if entry is not None:
+                entry.end = rec
+        elif kind == "rm":
+            loaded.tasks.pop(rec["id"], None)
+
+    # -- writing -----------------------------------------------------------------
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Add a record to the buffer; ``flush`` writes it."""
+        data = msgpack.packb(record, use_bin_type=True)
+        with self._lock:
+            self._buf += data
+        self.records += 1
+
+    def flush(self, sync: bool) -> None:
+        """Write the buffer to the file (and fsync it with ``sync``). Raises OSError."""
+        with self._write_lock:
+            if self._fd is None:
+                self.open()
+            assert self._fd is not None
+            with self._lock:
+                data = bytes(self._buf)
+                del self._buf[:]
+            written = 0
+            try:
+                if data:
+                    written = os.write(self._fd, data)
+                    self.bytes_written += written
+                if sync:
+                    os.fsync(self._fd)
+            finally:
+                if written < len(data):  # kept, to be written when the disk has room
+                    with self._lock:
+                        self._buf[:0] = data[written:]
+
+    def compact(self, records: list[dict[str, Any]]) -> None:
+        """Replace the file with ``records`` (atomically: new file, fsync, rename)."""
+        with self._write_lock:
+            self._compact(records)
+
+    def _compact(self, records: list[dict[str, Any]]) -> None:
+        self.flush(sync=False)
+        tmp = self.path.with_suffix(".new")
+        with open(tmp, "wb") as f:
+            for rec in records:
+                f.write(msgpack.packb(rec, use_bin_type=True))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self._fd is not None:
+            os.close(self._fd)
+        self.open()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                self.flush(sync=True)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+
+def snapshot(task: Task, model_sha: str) -> dict[str, Any]:
+    """One record holding a task whole, for compaction."""
+    rec = task_record(task, model_sha)
+    rec["model_sha"] = task.model_sha or model_sha
+    rec["generated"] = list(task.output_tokens)
+    if task.finished:
+        rec["end"] = end_record(task)
+    return rec

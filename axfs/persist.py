@@ -1,0 +1,232 @@
+"""Keeping tasks across restarts: the kernel's side of the journal.
+
+The keeper records what the kernel accepts and what the engine produces (see
+axfs.journal for the format and when it reaches the disk), brings every task back
+when a tree is mounted on the same state directory, and drops finished tasks past
+the retention limits (from the tree and, by compaction, from the journal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from axfs.journal import Journal, Loaded, end_record, make_task, snapshot, task_record
+from axfs.task import State, Task
+
+if TYPE_CHECKING:
+    from axfs.kernel import Kernel
+
+log = logging.getLogger(__name__)
+
+COMPACT_MIN_BYTES = 16 << 20  # compact a journal grown past this and twice its last size
+
+
+@dataclass(slots=True)
+class Retention:
+    """How many finished tasks are kept, and for how long."""
+
+    keep_tasks: int = 1000
+    keep_seconds: float = 7 * 86400.0
+
+
+class Keeper:
+    def __init__(self, journal: Journal, model_sha: str, retention: Retention | None = None) -> None:
+        self.journal = journal
+        self.model_sha = model_sha
+        self.retention = retention or Retention()
+        self._written: dict[str, int] = {}  # task id -> generated tokens journaled
+        self._ended: list[Task] = []
+        self._active: dict[str, Task] = {}  # submitted, not yet ended
+        self._compacted_size = 0
+        self.error = ""  # the last write error, shown in trace and log
+        self.num_errors = 0
+        self._kernel: Kernel | None = None
+
+    # -- recording -----------------------------------------------------------------
+
+    def submitted(self, task: Task) -> None:
+        """Record a submission and make it durable before the write returns."""
+        task.model_sha = task.model_sha or self.model_sha
+        self.journal.append(task_record(task, task.model_sha))
+        self._written[task.id] = len(task.output_tokens)
+        self._active[task.id] = task
+        self._write(sync=True)
+
+    def ended(self, task: Task) -> None:
+        if task.id in self._active:
+            self._ended.append(task)
+
+    def removed(self, task: Task) -> None:
+        self._active.pop(task.id, None)
+        self._written.pop(task.id, None)
+        self.journal.append({"t": "rm", "id": task.id})
+
+    def _collect(self) -> None:
+        """Move new tokens and ends into the journal's buffer."""
+        for task in self._active.values():
+            done = self._written.get(task.id, 0)
+            if len(task.output_tokens) > done:
+                self.journal.append({"t": "gen", "id": task.id, "k": task.output_tokens[done:]})
+                self._written[task.id] = len(task.output_tokens)
+        ended, self._ended = self._ended, []
+        for task in ended:
+            self.journal.append(end_record(task))
+            self._active.pop(task.id, None)
+            self._written.pop(task.id, None)
+
+    def _write(self, sync: bool) -> None:
+        try:
+            self.journal.flush(sync)
+        except OSError as e:
+            self._failed(e)
+
+    def _failed(self, e: OSError) -> None:
+        self.num_errors += 1
+        message = f"journal write failed: {e.strerror or e}"
+        if message != self.error:
+            log.error("%s (%s)", message, self.journal.path)
+            self.kernel_trace(message)
+        self.error = message
+
+    def kernel_trace(self, message: str) -> None:
+        if self._kernel is not None:
+            self._kernel.trace.emit("journal_error", reason=message)
+
+    async def run(self, kernel: Kernel) -> None:
+        """Every ``interval``: journal new tokens and ends, fsync, apply retention."""
+        self._kernel = kernel
+        last_retention = time.monotonic()
+        while True:
+            await trio.sleep(self.journal.interval)
+            self._collect()
+            try:
+                await trio.to_thread.run_sync(self.journal.flush, True)
+                if self.error:
+                    kernel.trace.emit("journal_ok", bytes=self.journal.bytes_written)
+                    self.error = ""
+            except OSError as e:
+                self._failed(e)
+            if time.monotonic() - last_retention > 60:
+                last_retention = time.monotonic()
+                self.retain(kernel)
+
+    def close(self) -> None:
+        self._collect()
+        try:
+            self.journal.close()
+        except OSError as e:
+            self._failed(e)
+
+    # -- retention and compaction ----------------------------------------------------
+
+    def retain(self, kernel: Kernel) -> None:
+        """Drop finished tasks past the count or age limits; compact a grown journal."""
+        done = sorted((t for t in kernel.tasks.values() if t.finished), key=lambda t: t.finished_at)
+        cutoff = time.time() - self.retention.keep_seconds
+        extra = max(0, len(done) - self.retention.keep_tasks)
+        for i, task in enumerate(done):
+            if i < extra or task.finished_at < cutoff:
+                kernel.remove(task, reason="retention")
+        size = self.journal.bytes_written + self._compacted_size
+        if size > max(COMPACT_MIN_BYTES, 2 * self._compacted_size):
+            self.compact(kernel)
+
+    def compact(self, kernel: Kernel) -> None:
+        self._collect()
+        records = [{"t": "model", "name": kernel.model.name, "path": kernel.model.path,
+                    "sha256": self.model_sha, "at": time.time()}]
+        records += [snapshot(t, self.model_sha) for t in kernel.tasks.values()
+                    if t.state is not State.DRAFT]
+        try:
+            self.journal.compact(records)
+        except OSError as e:
+            self._failed(e)
+            return
+        for task in kernel.tasks.values():
+            if task.id in self._written:
+                self._written[task.id] = len(task.output_tokens)
+        self._compacted_size = self.journal.path.stat().st_size
+        self.journal.bytes_written = 0
+
+    # -- restoring ---------------------------------------------------------------------
+
+    def restore(self, kernel: Kernel) -> Loaded:
+        """Bring back every journaled task: finished ones as they were, unfinished ones
+        queued again with what they had generated (see README, "Nothing lost")."""
+        self._kernel = kernel
+        loaded = self.journal.load()
+        if loaded.torn_at is not None:
+            kernel.trace.emit("journal_torn", offset=loaded.torn_at, bytes=loaded.torn_bytes)
+        tasks = [make_task(e) for e in loaded.tasks.values()]
+        entries = {t.id: e for t, e in zip(tasks, loaded.tasks.values(), strict=True)}
+        tasks.sort(key=lambda t: (t.submitted_at, t.id))
+        for task in tasks:
+            kernel.adopt(task)
+        waiting: list[Task] = []
+        for task in tasks:
+            if task.finished:
+                continue
+            self._active[task.id] = task
+            generated = entries[task.id].tokens
+            if task.parent and not task.prompt_tokens:
+                waiting.append(task)  # a fork that was waiting for its parent
+                continue
+            if task.model_sha and task.model_sha != self.model_sha:
+                self._model_changed(kernel, task)
+                continue
+            kernel.resume(task, generated)
+            self._written[task.id] = len(generated)
+        for task in waiting:
+            kernel.resume_fork(task)
+        kernel.trace.emit("journal_load", tasks=len(tasks), records=loaded.records,
+                          resumed=len(self._active))
+        self.retain(kernel)
+        self.compact(kernel)
+        return loaded
+
+    def _model_changed(self, kernel: Kernel, task: Task) -> None:
+        """An unfinished task of another model file: a plain prompt starts again from its
+        text; a fork, whose context is tokens of the old model, fails."""
+        if task.parent:
+            kernel.engine.end(task, State.FAILED, "error",
+                              f"the model file changed since this fork was submitted "
+                              f"(sha256 {task.model_sha[:16]}..., now {self.model_sha[:16]}...)")
+            return
+        task.model_sha = self.model_sha
+        task.prompt_tokens = kernel.driver.tokenize(task.prompt)
+        self.journal.append(task_record(task, self.model_sha))
+        kernel.resume(task, [])
+
+
+def file_sha256(path: Path, state_dir: Path) -> str:
+    """The sha256 of a model file, remembered in STATE_DIR/sha256.json by path, size and
+    modification time so that a mount does not read the whole file again."""
+    cache_path = state_dir / "sha256.json"
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache, dict) and isinstance(cache.get(key), str):
+        return str(cache[key])
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    sha = digest.hexdigest()
+    cache = {k: v for k, v in (cache if isinstance(cache, dict) else {}).items()
+             if not k.startswith(f"{path.resolve()}:")}
+    cache[key] = sha
+    with contextlib.suppress(OSError):
+        cache_path.write_text(json.dumps(cache, indent=1) + "\n")
+    return sha

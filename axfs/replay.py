@@ -1,0 +1,126 @@
+"""Replay: a task's timeline, and running it again to show the same tokens come out.
+
+Writing ``run`` to ``replay/ID/ctl`` queues a hidden copy of the finished task ID: the
+same prompt tokens, parameters and seed, on the model file it ran on (checked by
+sha256). The copy runs *alone* (no other sequence in its steps) and computes its whole
+prompt (no prefix copied from another sequence), and ``replay/ID/result`` then reads
+``match`` or where the first token differs. Why alone: llama.cpp's batched matrix
+products do not give bit-identical logits for a sequence decoded alone and inside a
+batch (DESIGN.md), so a task that ran in batches can replay differently, and the
+result says so (see README, "Replay").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from axfs.errors import BadInput, Busy
+from axfs.task import Task
+
+if TYPE_CHECKING:
+    from axfs.kernel import Kernel
+
+
+@dataclass(slots=True)
+class Replay:
+    original: Task
+    runner: Task | None = None
+    result: str = ""
+    runs: int = 0
+
+
+class Replays:
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self._replays: dict[str, Replay] = {}
+        self._running: dict[int, Replay] = {}  # id(runner) -> its replay
+
+    def result(self, task: Task) -> str:
+        replay = self._replays.get(task.id)
+        return replay.result if replay is not None else ""
+
+    def control(self, task: Task, text: str) -> None:
+        if text.split() != ["run"]:
+            raise BadInput(f"replay ctl: cannot parse {text.strip()[:60]!r} (commands: run)")
+        self.run(task)
+
+    def run(self, task: Task) -> None:
+        if not task.finished:
+            raise Busy(f"task {task.id} is {task.state.value}: replay a task that has ended")
+        if not task.prompt_tokens:
+            raise Busy(f"task {task.id} never ran: there is nothing to replay")
+        replay = self._replays.setdefault(task.id, Replay(task))
+        if replay.runner is not None:
+            raise Busy(f"a replay of task {task.id} is running")
+        replay.runs += 1
+        k = self.kernel
+        if task.model_sha and k.model_sha and task.model_sha != k.model_sha:
+            replay.result = (f"mismatch model: task {task.id} ran on a model file with sha256 "
+                             f"{task.model_sha}, the mounted one has {k.model_sha}\n")
+            k.trace.emit("replay", task.id, task.uid, result="mismatch", why="model")
+            return
+        config = task.config.copy()
+        if task.finish_reason not in ("eos", "stop", "length", "context"):
+            config.max_tokens = max(1, task.num_generated)  # killed or failed: as far as it got
+        runner = Task(f"replay-{task.id}-{replay.runs}", task.uid, task.gid, config)
+        runner.exclusive = True
+        runner.submit(task.prompt, list(task.prompt_tokens))
+        replay.runner = runner
+        replay.result = "running\n"
+        self._running[id(runner)] = replay
+        k.trace.emit("replay", task.id, task.uid, run=replay.runs, tokens=task.num_generated)
+        k.engine.add(runner)
+
+    def ended(self, runner: Task) -> None:
+        replay = self._running.pop(id(runner), None)
+        if replay is None:
+            return
+        replay.runner = None
+        replay.result = self._compare(replay.original, runner)
+        self.kernel.trace.emit("replay", replay.original.id, runner.uid,
+                               result=replay.result.split()[0],
+                               seconds=round(time.time() - runner.submitted_at, 3))
+
+    def _compare(self, original: Task, runner: Task) -> str:
+        if runner.error:
+            return f"failed: {runner.error}\n"
+        want, got = original.output_tokens, runner.output_tokens
+        for i, (a, b) in enumerate(zip(want, got, strict=False)):
+            if a != b:
+                return (f"mismatch token {i}: expected {self._piece(a)} ({a}), got "
+                        f"{self._piece(b)} ({b}){self._batched(original)}\n")
+        if len(want) != len(got):
+            i = min(len(want), len(got))
+            return (f"mismatch token {i}: expected {len(want)} tokens, got {len(got)}"
+                    f"{self._batched(original)}\n")
+        return f"match {len(want)} tokens\n"
+
+    def _piece(self, token: int) -> str:
+        return repr(self.kernel.driver.piece(token).decode("utf-8", "replace"))
+
+    @staticmethod
+    def _batched(task: Task) -> str:
+        most = max((d.get("batch_max", 1) for _, kind, d in task.timeline
+                    if kind in ("prefill", "decode")), default=1)
+        return f" (the task ran in batches of up to {most} sequences; the replay ran alone)" \
+            if most > 1 else ""
+
+
+def timeline(task: Task, model_sha: str) -> str:
+    """The text of replay/ID/timeline."""
+    head = [f"task {task.id}", f"uid {task.uid}", f"model_sha256 {task.model_sha or model_sha}",
+            f"prompt_tokens {len(task.prompt_tokens)}", f"generated_tokens {task.num_generated}",
+            f"state {task.state.value}", ""]
+    rows = []
+    for at, kind, d in task.timeline:
+        if kind in ("prefill", "decode"):
+            batch = (f"{d['batch_min']}" if d["batch_min"] == d["batch_max"]
+                     else f"{d['batch_min']}..{d['batch_max']}")
+            rows.append(f"{at:10.1f} - {d['until_ms']:.1f} ms {kind} steps={d['steps']} "
+                        f"tokens={d['tokens']} batch={batch}")
+        else:
+            extra = "".join(f" {key}={v}" for key, v in d.items())
+            rows.append(f"{at:10.1f} ms {kind}{extra}")
+    return "\n".join(head + rows) + "\n"
