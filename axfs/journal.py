@@ -238,10 +238,10 @@ class Journal:
         self.open()
 
     def close(self) -> None:
-        if self._fd is not None:
-            try:
-                self.flush(sync=True)
-            finally:
+        try:
+            self.flush(sync=True)
+        finally:
+            if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
 

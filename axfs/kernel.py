@@ -8,6 +8,7 @@ task).
 
 from __future__ import annotations
 
+import codecs
 import logging
 import re
 import time
@@ -115,24 +116,32 @@ class Kernel:
         self.tasks[name] = task
         return task
 
-    def check_prompt_bytes(self, data: bytes, before: int = 0, uid: int = 0) -> None:
+    def check_prompt_bytes(self, data: bytes, before: int = 0, uid: int = 0,
+                           utf8: codecs.IncrementalDecoder | None = None) -> None:
         """The checks a prompt can fail while it is being written: ``data`` is the newest
-        part of it, after ``before`` bytes already checked."""
+        part of it, after ``before`` bytes already checked (``utf8``: the writer's decoder)."""
         self.quota.check_prompt_bytes(uid, before + len(data))
         if b"\0" in data:
             raise BadInput("prompt contains a NUL byte")
+        if utf8 is not None:
+            held = len(utf8.getstate()[0])
+            try:
+                utf8.decode(data)
+            except UnicodeDecodeError as e:
+                raise BadInput(f"prompt is not valid UTF-8 ({e.reason} at byte "
+                               f"{before - held + e.start})") from e
 
     async def submit(self, task: Task, data: bytes) -> None:
         """Queue the draft ``task`` with ``data`` as its prompt."""
         if task.state is not State.DRAFT:
             raise self.reject(task.uid, task, Busy(f"task {task.id} was already submitted"))
-        self._check_quota(task.uid, task, task.config)
+        self.check_quota(task.uid, task, task.config)
         await self._queue(task, self._prompt_text(task.uid, task, data))
 
     async def submit_new(self, uid: int, gid: int, data: bytes) -> Task:
         """``echo PROMPT > tasks/new``: a new task with default parameters, queued."""
         text = self._prompt_text(uid, None, data)
-        self._check_quota(uid, None, None)
+        self.check_quota(uid, None, None)
         task = self.create(uid, gid)
         await self._queue(task, text)
         return task
@@ -160,7 +169,7 @@ class Kernel:
         """
         self.check_forkable(parent, uid)
         text = self._prompt_text(uid, parent, data)
-        self._check_quota(uid, parent, parent.config)
+        self.check_quota(uid, parent, parent.config)
         tokens = await trio.to_thread.run_sync(lambda: self.driver.tokenize(text, bos=False))
         task = self.create(uid, gid)
         task.config = parent.config.copy()
@@ -178,7 +187,7 @@ class Kernel:
                 self.keeper.submitted(task)
         return task
 
-    def _check_quota(self, uid: int, task: Task | None, config: TaskConfig | None) -> None:
+    def check_quota(self, uid: int, task: Task | None, config: TaskConfig | None) -> None:
         """Whether ``uid`` may queue one more task (with ``config``; None: the defaults)."""
         try:
             self.quota.check_submit(uid, config)
@@ -312,6 +321,7 @@ class Kernel:
             return
         task.state = State.QUEUED
         task.waiting_since = time.time()
+        task.stepwise_until = task.num_history - 1
         self.engine.add(task)
 
     def resume_fork(self, task: Task) -> None:

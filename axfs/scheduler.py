@@ -112,11 +112,21 @@ class Scheduler:
             if budget <= 0:
                 break
             if len(pending) > 1:
-                n = min(self.prefill_chunk, budget, len(pending))
+                n = min(self.prefill_chunk, budget, len(pending), self._stepwise(task))
                 self._add(plan, task, pending[:n], sample=n == len(pending))
                 budget -= n
         self.last_batch = len(plan.pieces)
         return plan
+
+    @staticmethod
+    def _stepwise(task: Task) -> int:
+        """Most tokens of ``task`` one piece may carry. A task resumed from the journal
+        recomputes its prompt without running into its generated tokens, then those one
+        a step, as they were first computed, so that it goes on bit for bit."""
+        if task.num_cached >= task.stepwise_until:
+            return 1 << 30
+        prompt = len(task.prompt_tokens)
+        return prompt - task.num_cached if task.num_cached < prompt else 1
 
     def is_newcomer(self, task: Task) -> bool:
         """A task whose user has nothing running while others do (see Policy)."""

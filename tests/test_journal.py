@@ -1,0 +1,134 @@
+"""The journal and the keeper with the fake driver: records, torn tails, restore, retention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import trio
+
+from axfs.journal import NAME, Journal
+from axfs.kernel import Kernel
+from axfs.persist import Keeper, Retention
+from axfs.task import State, Task
+from tests.fakes import FakeDriver
+from tests.test_sched import run_until, start
+
+
+def kernel(state: Path, **retention: float) -> Kernel:
+    keeper = Keeper(Journal(state, interval=0.05), "sha-a", Retention(**retention))  # type: ignore[arg-type]
+    return Kernel(FakeDriver(n_seq_max=4, n_ctx=4000), keeper=keeper)
+
+
+async def run(k: Kernel, until: list[Task], extra: float = 0.2) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.run)
+        await run_until(k, lambda: all(t.finished for t in until))
+        await trio.sleep(extra)  # a journal flush
+        nursery.cancel_scope.cancel()
+    k.close()
+
+
+async def test_finished_tasks_come_back_as_they_were(tmp_path: Path) -> None:
+    k = kernel(tmp_path)
+    k.restore()
+    a = await start(k, 1, "hello", max_tokens=5, temperature=0)
+    b = await start(k, 2, "other", max_tokens=3, stop="c")
+    await run(k, [a, b])
+    k2 = kernel(tmp_path)
+    k2.restore()
+    a2, b2 = k2.get(a.id), k2.get(b.id)
+    for old, new in [(a, a2), (b, b2)]:
+        assert (new.state, new.output, new.output_tokens, new.prompt, new.prompt_tokens) == (
+            old.state, old.output, old.output_tokens, old.prompt, old.prompt_tokens)
+        assert new.config == old.config and new.uid == old.uid and new.finish_reason == old.finish_reason
+        assert new.submitted_at == old.submitted_at and new.timeline
+    assert k2.latest(1) is a2 and k2.latest(2) is b2
+    assert k2.create(1, 1).id == "3"  # ids go on from the journal's
+
+
+async def test_unfinished_tasks_run_on_from_their_tokens(tmp_path: Path) -> None:
+    k = kernel(tmp_path)
+    k.restore()
+    assert isinstance(k.driver, FakeDriver)
+    k.driver.step_delay = 0.002
+    long = await start(k, 1, "a", max_tokens=300, temperature=0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.run)
+        await run_until(k, lambda: long.num_generated >= 20)
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    k.close()  # as after a crash: no end record
+    queued = len(long.output_tokens)
+    k2 = kernel(tmp_path)
+    k2.restore()
+    again = k2.get(long.id)
+    assert again.state is State.QUEUED and len(again.output_tokens) >= 20
+    assert again.output_tokens == long.output_tokens[: len(again.output_tokens)]
+    await run(k2, [again])
+    assert again.state is State.DONE and again.num_generated == 300 and queued < 300
+    letters = "".join(chr(ord("a") + (i + 1) % 26) for i in range(300))
+    assert again.output.decode() == letters
+
+
+async def test_a_torn_tail_is_cut_and_reported(tmp_path: Path) -> None:
+    k = kernel(tmp_path)
+    k.restore()
+    a = await start(k, 1, "hello", max_tokens=3)
+    await run(k, [a])
+    path = tmp_path / NAME
+    good = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(msgpack.packb({"t": "task", "id": "torn", "prompt": "x" * 100})[:-30])
+    k2 = kernel(tmp_path)
+    k2.restore()
+    assert k2.get(a.id).state is State.DONE and "torn" not in k2.tasks
+    assert " journal_torn offset=" in k2.trace.read(0, 1 << 20)[0].decode()
+    assert path.stat().st_size <= good + 200  # cut, then compacted
+
+
+async def test_retention_drops_the_oldest_finished_tasks(tmp_path: Path) -> None:
+    k = kernel(tmp_path, keep_tasks=2)
+    k.restore()
+    tasks = [await start(k, 1, "x", max_tokens=1) for _ in range(4)]
+    await run(k, tasks)
+    k2 = kernel(tmp_path, keep_tasks=2)
+    k2.restore()
+    assert sorted(k2.tasks) == [tasks[2].id, tasks[3].id]
+    k3 = kernel(tmp_path, keep_tasks=2)
+    loaded = k3.keeper.journal.load() if k3.keeper else None
+    assert loaded is not None and sorted(loaded.tasks) == [tasks[2].id, tasks[3].id]
+
+
+async def test_removed_tasks_stay_removed(tmp_path: Path) -> None:
+    k = kernel(tmp_path)
+    k.restore()
+    a = await start(k, 1, "x", max_tokens=2)
+    await run(k, [a], extra=0)
+    k.remove(a)
+    k.close()
+    k2 = kernel(tmp_path)
+    k2.restore()
+    assert a.id not in k2.tasks
+
+
+async def test_a_write_error_is_reported_and_tasks_still_run(tmp_path: Path) -> None:
+    k = kernel(tmp_path)
+    k.restore()
+    assert k.keeper is not None
+    journal = k.keeper.journal
+
+    def full(sync: bool) -> None:
+        raise OSError(28, "No space left on device")
+
+    journal.flush = full  # type: ignore[method-assign]
+    a = await start(k, 1, "x", max_tokens=5)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.run)
+        await run_until(k, lambda: a.finished)
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    assert a.state is State.DONE
+    trace = k.trace.read(0, 1 << 20)[0].decode()
+    assert "journal_error reason='journal write failed: No space left on device'" in trace
+    assert k.keeper.error and k.keeper.num_errors >= 1
