@@ -2,13 +2,16 @@
 
 Lines are addressed by absolute byte offset: the file's size is every byte ever
 traced, so ``tail -f`` sees it grow. Lines older than the ring are dropped; a
-reader that asks for them is told how many it missed (see ``read``).
+reader that asks for them gets a ``trace_dropped lines=N`` line in their place (see
+``read_for``), and the engine never waits for a reader.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
+from array import array
 from collections import deque
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,8 @@ class Trace:
         self._base = 0  # absolute offset of the first kept line
         self._size = 0  # absolute offset just past the last line
         self.dropped_lines = 0
+        self._dropped_ends: array[int] = array("q")  # end offsets of the latest dropped lines
+        self._forgotten = 0  # dropped lines whose end offset is no longer kept
 
     @property
     def size(self) -> int:
@@ -43,6 +48,37 @@ class Trace:
         while len(self._lines) > self._max_lines:
             self._base += len(self._lines.popleft())
             self.dropped_lines += 1
+            self._dropped_ends.append(self._base)
+            if len(self._dropped_ends) > 4 * self._max_lines:
+                half = len(self._dropped_ends) // 2
+                del self._dropped_ends[:half]
+                self._forgotten += half
+
+    def missed(self, offset: int) -> int:
+        """Dropped lines that end after ``offset`` (at least that many, for an offset
+        older than the ones remembered)."""
+        return len(self._dropped_ends) - bisect.bisect_right(self._dropped_ends, offset)
+
+    def read_for(self, offset: int, size: int) -> tuple[bytes, int]:
+        """What a reader at absolute ``offset`` gets, and the absolute offset it reaches.
+
+        A reader whose next lines were dropped first gets one line saying how many."""
+        if offset >= self._base:
+            data, start = self.read(offset, size)
+            return data, start + len(data)
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+        n = self.missed(offset)
+        notice = (f"{stamp} - - trace_dropped lines={n}{'+' if offset < self._forgotten_end() else ''}"
+                  f" reason='this reader fell behind the {self._max_lines} lines kept'\n").encode()
+        if len(notice) >= size:
+            data, start = self.read(offset, size)
+            return data, start + len(data)
+        data, start = self.read(self._base, size - len(notice))
+        return notice + data, start + len(data)
+
+    def _forgotten_end(self) -> int:
+        return self._dropped_ends[0] if self._forgotten and self._dropped_ends else 0
 
     def read(self, offset: int, size: int) -> tuple[bytes, int]:
         """Bytes from absolute ``offset`` (at most ``size``) and the offset they start at.

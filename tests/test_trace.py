@@ -34,3 +34,18 @@ def test_dropped_lines_move_the_start_forward() -> None:
     assert start > 0 and t.dropped_lines == 7
     assert [line.split()[1] for line in data.decode().splitlines()] == ["7", "8", "9"]
     assert start + len(data) == t.size
+
+
+def test_a_reader_that_fell_behind_is_told_how_many_lines_it_missed() -> None:
+    t = Trace(max_lines=3)
+    t.emit("e", "0")
+    first = t.read_for(0, 1 << 20)
+    pos = first[1]
+    for i in range(1, 11):
+        t.emit("e", str(i))
+    data, end = t.read_for(pos, 1 << 20)
+    lines = data.decode().splitlines()
+    assert " trace_dropped lines=7 " in lines[0]
+    assert [line.split()[1] for line in lines[1:]] == ["8", "9", "10"]
+    assert end == t.size
+    assert t.read_for(end, 100) == (b"", end)

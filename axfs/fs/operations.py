@@ -7,6 +7,7 @@ pyfuse3 handler would take the whole mount down.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import functools
@@ -22,7 +23,17 @@ import pyfuse3
 import trio
 
 from axfs import devices, replay
-from axfs.errors import AxfsError, BadInput, Busy, Exists, NoSpace, NotFound, TooLarge
+from axfs.errors import (
+    AxfsError,
+    BadInput,
+    Busy,
+    Exists,
+    NoSpace,
+    NotFound,
+    ParameterTooLarge,
+    QuotaExceeded,
+    TooLarge,
+)
 from axfs.fs import views
 from axfs.kernel import Kernel
 from axfs.task import State, Task
@@ -36,6 +47,8 @@ ERRNO: dict[type[AxfsError], int] = {
     Exists: errno.EEXIST,
     TooLarge: errno.EFBIG,
     NoSpace: errno.ENOSPC,
+    QuotaExceeded: errno.EDQUOT,
+    ParameterTooLarge: errno.E2BIG,
 }
 TASK_FILES = ("prompt", "stream", "status", "config", "ctl", "fork", "error")
 WRITABLE = frozenset({"prompt", "config", "ctl", "fork"})
@@ -81,7 +94,8 @@ MODELS = Node("models")
 ROOT_FILES = {"README": Node("readme"), "memory": Node("memory"), "sched": Node("sched"),
               "trace": Node("trace"), "devices": Node("devices")}
 REPLAY = Node("replay")
-ROOT_DIRS = {"models": MODELS, "tasks": TASKS, "replay": REPLAY}
+USERS = Node("users")
+ROOT_DIRS = {"models": MODELS, "tasks": TASKS, "replay": REPLAY, "users": USERS}
 REPLAY_FILES = ("timeline", "ctl", "result")
 
 
@@ -97,6 +111,8 @@ class Handle:
     submitted: Task | None = None  # what a write to tasks/new created
     skew: int = 0  # trace: absolute offset minus file offset (lines dropped meanwhile)
     replied: int = 0  # tasks/new: bytes of the id already read (the write moved the offset)
+    utf8: codecs.IncrementalDecoder = field(  # checks the prompt's text as it is written
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")())
 
 
 def signal_pending(pid: int) -> bool:
@@ -114,9 +130,10 @@ def signal_pending(pid: int) -> bool:
 
 
 class Operations(pyfuse3.Operations):
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, multi_user: bool = False) -> None:
         super().__init__()
         self.kernel = kernel
+        self.multi_user = multi_user  # tasks and users/UID are their owner's only
         self._inodes: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
         self._handles: dict[int, Handle] = {}
@@ -146,6 +163,8 @@ class Operations(pyfuse3.Operations):
             return node.name in self.kernel.tasks
         if node.kind in ("model", "model_info"):
             return node.name in self.kernel.models
+        if node.kind == "user":
+            return node.name.isdigit() and int(node.name) in self.kernel.quota.users()
         return True
 
     def _task(self, node: Node) -> Task:
@@ -163,6 +182,8 @@ class Operations(pyfuse3.Operations):
                 node = Node("task", name) if name in self.kernel.tasks else None
         elif parent is MODELS:
             node = Node("model", name) if name in self.kernel.models else None
+        elif parent is USERS:
+            node = Node("user", name) if self._exists(Node("user", name)) else None
         elif parent is REPLAY:
             node = Node("replay_task", name) if name in self.kernel.tasks else None
         elif parent.kind == "replay_task":
@@ -185,6 +206,8 @@ class Operations(pyfuse3.Operations):
             return [(n, c) for n, c in {**ROOT_FILES, **ROOT_DIRS}.items()]
         if node is MODELS:
             return [(m, Node("model", m)) for m in sorted(self.kernel.models)]
+        if node is USERS:
+            return [(str(u), Node("user", str(u))) for u in self.kernel.quota.users()]
         if node is REPLAY:
             return [(i, Node("replay_task", i)) for i in self._task_ids()]
         if node.kind == "replay_task":
@@ -216,7 +239,8 @@ class Operations(pyfuse3.Operations):
         a.st_uid, a.st_gid = 0, 0
         a.st_blksize = 4096
         mtime = self.started
-        if node.kind in ("root", "tasks", "models", "task", "model", "replay", "replay_task"):
+        if node.kind in ("root", "tasks", "models", "task", "model", "replay", "replay_task",
+                         "users"):
             mode, size = stat.S_IFDIR | 0o755, 0
             a.st_nlink = 2
         elif node.kind == "latest":
@@ -235,8 +259,12 @@ class Operations(pyfuse3.Operations):
             mtime = int(task.updated_at * 1e9)
         elif node.kind in ("memory", "sched", "trace", "devices"):
             mtime = time.time_ns()
+        elif node.kind == "user":
+            a.st_uid = int(node.name)
         if node is TASKS:
             mode = stat.S_IFDIR | 0o1777  # anyone may mkdir a task; sticky, like /tmp
+        if self.multi_user and node.kind in ("task", "task_file", "replay_task", "replay_file", "user"):
+            mode &= ~0o077  # the owner's only; root reads and writes all (default_permissions)
         a.st_mode = mode
         a.st_size = size
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
@@ -257,6 +285,8 @@ class Operations(pyfuse3.Operations):
         """The current bytes of a snapshot file (not the stream's or the trace's: they
         are read live)."""
         kind = node.kind
+        if kind == "user":
+            return self.kernel.quota.render(int(node.name)).encode()
         if kind == "readme":
             return views.TREE_README.encode()
         if kind == "memory":
@@ -434,7 +464,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         if node.kind not in ("readme", "memory", "sched", "trace", "devices", "new", "model_info",
-                             "task_file", "replay_file"):
+                             "task_file", "replay_file", "user"):
             raise _fail(errno.EISDIR)
         task = self._task(node) if node.kind in ("task_file", "replay_file") else None
         writing = flags & os.O_ACCMODE != os.O_RDONLY
@@ -466,8 +496,8 @@ class Operations(pyfuse3.Operations):
         h = self._handle(fh)
         node = h.node
         if node.kind == "trace":
-            data, start = self.kernel.trace.read(off + h.skew, size)
-            h.skew = start - off
+            data, end = self.kernel.trace.read_for(off + h.skew, size)
+            h.skew = end - (off + len(data))
             return data
         if node.kind == "new" or node.file == "fork":
             await self._submit_pending(h)
@@ -509,10 +539,13 @@ class Operations(pyfuse3.Operations):
                 raise self.kernel.reject(h.uid, h.task, Busy("the prompt was already submitted"))
             if node.file == "fork" and h.task is not None:
                 self.kernel.check_forkable(h.task, h.uid)
+            if not h.pending:  # over a per-user limit: refused at the first write, not at close
+                self.kernel.check_quota(h.uid, h.task, h.task.config if h.task else None)
             try:
-                self.kernel.check_prompt_bytes(buf, before=len(h.pending))
+                self.kernel.check_prompt_bytes(buf, before=len(h.pending), uid=h.uid, utf8=h.utf8)
             except AxfsError as e:
                 h.pending.clear()  # nothing of a refused prompt is submitted at close
+                h.utf8.reset()
                 raise self.kernel.reject(h.uid, h.task, e) from e
             h.pending += buf
             return len(buf)
