@@ -29,3 +29,11 @@ class TooLarge(AxfsError):
 
 class NoSpace(AxfsError):
     """The work can never fit in the model's memory (ENOSPC)."""
+
+
+class QuotaExceeded(AxfsError):
+    """The user is over a per-user limit on tasks or tokens (EDQUOT)."""
+
+
+class ParameterTooLarge(AxfsError):
+    """A parameter is over the user's limit for it, e.g. max_tokens (E2BIG)."""

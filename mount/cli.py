@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--policy", choices=["fair", "fifo"], default="fair",
                    help="scheduling: fair shares per user and priority, or first come first served")
     m.add_argument("--allow-other", action="store_true", help="let other users in")
+    m.add_argument("--multi-user", action="store_true", help="let other users in, each task "
+                   "its owner's only (implies --allow-other)")
+    m.add_argument("--limit", action="append", default=[], metavar="[UID:]KEY=N",
+                   help="a per-user limit: tasks, prompt_bytes, max_tokens, tokens_per_hour")
     m.add_argument("--prefix-cache", choices=["on", "off"], default="on",
                    help="keep ended tasks' KV for prompts that begin the same way")
     m.add_argument("--swap-mem", type=int, default=512, metavar="MIB",
@@ -98,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         print(default_model(state_dir))
         return 0
     mountpoint = args.mountpoint.absolute()
+    from axfs.quota import parse_limits
+
+    try:
+        parse_limits(args.limit)
+    except ValueError as e:
+        print(f"axfs: {e}", file=sys.stderr)
+        return 2
     model = args.model.absolute() if args.model else default_model(state_dir)
     if args.foreground:
         return _foreground(args, mountpoint, model, state_dir)
@@ -131,6 +142,7 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
                         slots=args.slots, n_batch=args.batch, threads=args.threads,
                         repack={"auto": None, "on": True, "off": False}[args.repack],
                         policy=args.policy, allow_other=args.allow_other,
+                        multi_user=args.multi_user, limits=tuple(args.limit),
                         prefix_cache=args.prefix_cache == "on", swap_mem=args.swap_mem << 20,
                         keep_tasks=args.keep_tasks, keep_days=args.keep_days)
     try:
@@ -154,6 +166,9 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
         argv += ["--threads", str(args.threads)]
     if args.allow_other:
         argv.append("--allow-other")
+    if args.multi_user:
+        argv.append("--multi-user")
+    argv += [f"--limit={spec}" for spec in args.limit]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                 pass_fds=(write_end,), start_new_session=True)

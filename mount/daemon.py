@@ -24,6 +24,7 @@ from axfs.fs.operations import Operations
 from axfs.journal import Journal
 from axfs.kernel import Kernel
 from axfs.persist import Keeper, Retention, file_sha256
+from axfs.quota import Quota, parse_limits
 from axfs.swap import SwapSpace
 from drivers.base import ModelLoadError
 from drivers.llamacpp import LlamaCppDriver
@@ -49,6 +50,8 @@ class MountOptions:
     repack: bool | None = None  # None: llama.cpp's repacked weights unless the CPU has AMX
     policy: str = "fair"
     allow_other: bool = False
+    multi_user: bool = False  # allow_other, and each task its owner's only (0700)
+    limits: tuple[str, ...] = ()  # --limit values, "[UID:]KEY=N"
     prefix_cache: bool = True
     swap_mem: int = 512 << 20  # bytes of preempted sequences kept in memory; more go to disk
     keep_tasks: int = 1000  # finished tasks kept in the tree and the journal
@@ -80,6 +83,7 @@ def prepare_mountpoint(mountpoint: Path) -> None:
 def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
     """Mount and serve until unmounted or signalled; returns the exit status."""
     try:
+        quota = Quota(*parse_limits(list(opts.limits)))
         opts.state_dir.mkdir(parents=True, exist_ok=True)
         prepare_mountpoint(opts.mountpoint)
         driver = LlamaCppDriver(opts.model, n_ctx=opts.n_ctx, n_seq_max=opts.slots,
@@ -88,17 +92,18 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
     except (MountError, ModelLoadError) as e:
         ready(f"error: {e}")
         return 1
-    except OSError as e:
+    except (OSError, ValueError) as e:
         ready(f"error: {e}")
         return 1
     try:
         keeper = Keeper(Journal(opts.state_dir), file_sha256(opts.model, opts.state_dir),
                         Retention(opts.keep_tasks, opts.keep_days * 86400))
         kernel = Kernel(driver, policy=opts.policy, prefix_cache=opts.prefix_cache,
-                        swap=SwapSpace(opts.swap_mem, opts.state_dir / "swap"), keeper=keeper)
-        ops = Operations(kernel)
+                        swap=SwapSpace(opts.swap_mem, opts.state_dir / "swap"), keeper=keeper,
+                        quota=quota)
+        ops = Operations(kernel, multi_user=opts.multi_user)
         options = set(pyfuse3.default_options) | {"fsname=axfs", "subtype=axfs"}
-        if opts.allow_other:
+        if opts.allow_other or opts.multi_user:
             options.add("allow_other")
         try:
             pyfuse3.init(ops, str(opts.mountpoint), options)
