@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep ended tasks' KV for prompts that begin the same way")
     m.add_argument("--swap-mem", type=int, default=512, metavar="MIB",
                    help="MiB of preempted tasks' KV kept in memory; the rest goes to the state dir")
+    m.add_argument("--journal", choices=["on", "off"], default="on",
+                   help="keep tasks in STATE_DIR/journal.msgpack across restarts and crashes")
     m.add_argument("--keep-tasks", type=int, default=1000, metavar="N",
                    help="finished tasks kept (in the tree and the journal)")
     m.add_argument("--keep-days", type=float, default=7.0, metavar="DAYS",
@@ -144,7 +146,8 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
                         policy=args.policy, allow_other=args.allow_other,
                         multi_user=args.multi_user, limits=tuple(args.limit),
                         prefix_cache=args.prefix_cache == "on", swap_mem=args.swap_mem << 20,
-                        keep_tasks=args.keep_tasks, keep_days=args.keep_days)
+                        keep_tasks=args.keep_tasks, keep_days=args.keep_days,
+                        journal=args.journal == "on")
     try:
         return serve(opts, ready)
     finally:
@@ -161,6 +164,7 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
             "--repack", args.repack, "--policy", args.policy, "--log-level", args.log_level,
             "--prefix-cache", args.prefix_cache, "--swap-mem", str(args.swap_mem),
             "--keep-tasks", str(args.keep_tasks), "--keep-days", str(args.keep_days),
+            "--journal", args.journal,
             "--ready-fd", str(write_end)]
     if args.threads:
         argv += ["--threads", str(args.threads)]

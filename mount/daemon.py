@@ -56,6 +56,7 @@ class MountOptions:
     swap_mem: int = 512 << 20  # bytes of preempted sequences kept in memory; more go to disk
     keep_tasks: int = 1000  # finished tasks kept in the tree and the journal
     keep_days: float = 7.0  # ... and for how long
+    journal: bool = True
 
 
 def prepare_mountpoint(mountpoint: Path) -> None:
@@ -97,7 +98,7 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
         return 1
     try:
         keeper = Keeper(Journal(opts.state_dir), file_sha256(opts.model, opts.state_dir),
-                        Retention(opts.keep_tasks, opts.keep_days * 86400))
+                        Retention(opts.keep_tasks, opts.keep_days * 86400)) if opts.journal else None
         kernel = Kernel(driver, policy=opts.policy, prefix_cache=opts.prefix_cache,
                         swap=SwapSpace(opts.swap_mem, opts.state_dir / "swap"), keeper=keeper,
                         quota=quota)
