@@ -44,6 +44,9 @@ memory               the KV cache, like /proc/meminfo: used = running + cached, 
                      cache hits, evictions, swap
 sched                the scheduler: policy, queue, batch, each user's share and use
 trace                one line per scheduler event; tail -f follows it
+replay/ID/timeline   what happened to task ID, with times since it was submitted
+replay/ID/ctl        write "run": run task ID again (alone, same tokens, parameters, seed)
+replay/ID/result     "match N tokens", or where the first token differs
 devices              CPU and NVIDIA GPUs
 
 A bad write fails with an errno (EINVAL, EBUSY, EFBIG, ...); the reason is in the
@@ -124,6 +127,7 @@ def memory(kernel: Kernel) -> str:
         ("SwapOutBytes", f"{swap.out_bytes // 1024} kB"),
         ("SwapIns", f"{swap.ins}"),
         ("SwapInBytes", f"{swap.in_bytes // 1024} kB"),
+        ("SwapErrors", f"{swap.errors}"),
         ("TasksRunning", f"{kv.slots_running}"),
         ("TasksWaiting", f"{len(kernel.scheduler.waiting)}"),
         ("TasksWaitingForMemory", f"{kernel.scheduler.waiting_for_memory}"),
