@@ -15,7 +15,7 @@ from tests.fakes import FakeDriver
 
 async def start(k: Kernel, uid: int, prompt: str = "a", **config: object) -> Task:
     task = k.create(uid, uid)
-    k.configure(task, "".join(f"{key} {v}\n" for key, v in {"max_tokens": 100000, **config}.items()))
+    k.configure(task, "".join(f"{key} {v}\n" for key, v in {"max_tokens": 60000, **config}.items()))
     await k.submit(task, prompt.encode())
     return task
 
