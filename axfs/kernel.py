@@ -49,6 +49,7 @@ class Kernel:
                             prefix_cache=prefix_cache)
         self.scheduler = Scheduler(self.kv, shape.n_batch, make_policy(policy))
         self.engine = Engine(driver, self.scheduler, self.trace, swap)
+        self.engine.swap.on_error = lambda task_id, why: self.trace.emit("error", task_id, reason=why)
         self.engine.on_end = self._ended
         self.defaults = TaskConfig(model=self.model.name)
         self.quota = quota or Quota()
@@ -335,8 +336,10 @@ class Kernel:
             self._forks.setdefault(parent.id, []).append(task)
 
     def reject(self, uid: int, task: Task | None, error: AxfsError) -> AxfsError:
-        """Record why a request was refused (trace, task error file) and return it to raise."""
+        """Record why a request was refused (trace, task error file, users/UID) and return
+        it to raise."""
         self.trace.emit("reject", task.id if task else "-", uid, reason=str(error))
+        self.quota.refused(uid, task.id if task else "-", str(error))
         if task is not None:
             task.error = str(error)
             task.notify()

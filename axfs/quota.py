@@ -2,8 +2,9 @@
 
 Every user has the same limits unless the mount gives a uid its own. A request over a
 limit raises at once (``QuotaExceeded`` for EDQUOT, ``TooLarge`` for EFBIG,
-``ParameterTooLarge`` for E2BIG) and the reason is remembered here, for the user's
-``users/UID`` file; the kernel writes it to the trace and the task's ``error``.
+``ParameterTooLarge`` for E2BIG). The kernel writes the reason of every refused request
+to the trace and the task's ``error``, and tells ``refused`` here, for the user's
+``users/UID`` file (the last few reasons).
 
 Tokens are counted as the scheduler charges them (prompt and generated tokens the
 model processed for the user's tasks). They are sampled when a limit is checked or the
@@ -153,25 +154,22 @@ class Quota:
 
     # -- checks ----------------------------------------------------------------------
 
-    def _refuse(self, uid: int, error: Exception) -> None:
+    def refused(self, uid: int, task: str, reason: str) -> None:
+        """Remember a refused request of ``uid`` (any, not only over a limit) for its file."""
         user = self._user(uid)
         user.num_refused += 1
-        user.refusals.append((self.clock(), str(error)))
+        user.refusals.append((self.clock(), f"task={task} {reason}"))
 
     def check_prompt_bytes(self, uid: int, size: int) -> None:
         limit = self.limits_for(uid).prompt_bytes
         if size > limit:
-            error = TooLarge(f"prompt is over {limit} bytes (limit prompt_bytes of uid {uid})")
-            self._refuse(uid, error)
-            raise error
+            raise TooLarge(f"prompt is over {limit} bytes (limit prompt_bytes of uid {uid})")
 
     def check_config(self, uid: int, config: TaskConfig) -> None:
         limit = self.limits_for(uid).max_tokens
         if config.max_tokens > limit:
-            error = ParameterTooLarge(f"max_tokens {config.max_tokens} is over {limit} "
-                                      f"(limit max_tokens of uid {uid})")
-            self._refuse(uid, error)
-            raise error
+            raise ParameterTooLarge(f"max_tokens {config.max_tokens} is over {limit} "
+                                    f"(limit max_tokens of uid {uid})")
 
     def check_submit(self, uid: int, config: TaskConfig | None) -> None:
         """Whether ``uid`` may queue one more task with ``config`` (None: the defaults,
@@ -187,7 +185,6 @@ class Quota:
             error = QuotaExceeded(f"uid {uid} used {used} tokens in the last hour "
                                   f"(limit tokens_per_hour {limits.tokens_per_hour})")
         if error is not None:
-            self._refuse(uid, error)
             raise error
 
     # -- the users/UID file ----------------------------------------------------------

@@ -9,11 +9,17 @@ engine's worker thread, next to the driver calls that save and restore.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 from drivers.base import SeqState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, frozen=True)
@@ -32,6 +38,8 @@ class SwapSpace:
         self.disk_bytes = self.disk_count = 0
         self.outs = self.out_bytes = 0
         self.ins = self.in_bytes = 0
+        self.errors = 0  # swap files that could not be written (their KV stayed in memory)
+        self.on_error: Callable[[str, str], None] | None = None  # (task, reason), in trio's thread
 
     @staticmethod
     def where(state: object) -> str:
@@ -49,14 +57,35 @@ class SwapSpace:
             self.mem_bytes += state.kv_bytes
             self.mem_count += 1
             return state
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{name}.kv"
-        with open(path, "wb") as f:
-            f.write(memoryview(state.kv))  # type: ignore[arg-type]
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(memoryview(state.kv))  # type: ignore[arg-type]
+        except OSError as e:
+            # A full or failing state directory must not stop the task: its KV stays in
+            # memory, over the limit, and the error is reported.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            self._report(name, f"cannot write swap file {path}: {e.strerror or e}; "
+                               f"kept in memory")
+            self.mem_bytes += state.kv_bytes
+            self.mem_count += 1
+            return state
         self.disk_bytes += state.kv_bytes
         self.disk_count += 1
         return SeqState(sampler=state.sampler, kv=SwapFile(path, state.kv_bytes),
                         kv_bytes=state.kv_bytes)
+
+    def _report(self, name: str, reason: str) -> None:
+        self.errors += 1
+        log.error("task %s: %s", name, reason)
+        if self.on_error is None:
+            return
+        try:
+            trio.from_thread.run_sync(self.on_error, name, reason)
+        except RuntimeError:  # not in a trio worker thread: already in trio's (tests)
+            self.on_error(name, reason)
 
     def take(self, state: SeqState) -> SeqState:
         """``state`` with its KV back in memory, for the driver to restore."""

@@ -285,7 +285,11 @@ def test_quota_counts_active_tasks_and_checks_each_limit() -> None:
         q.check_prompt_bytes(5, 11)
     with pytest.raises(ParameterTooLarge):
         q.check_config(5, TaskConfig(model="m", max_tokens=101))
-    assert "refusals 3\n" in q.render(5) and q.render(5).count("\nrefused ") == 3
+    for i in range(7):  # the kernel tells every refusal; the last 5 are kept
+        q.refused(5, "-", f"reason {i}")
+    text = q.render(5)
+    assert "refusals 7\n" in text and text.count("\nrefused ") == 5
+    assert text.endswith("task=- reason 6\n") and "reason 1" not in text
 
 
 def test_tokens_per_hour_is_a_sliding_hour() -> None:

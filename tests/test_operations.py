@@ -129,7 +129,7 @@ async def test_readdir_lists_the_tree(ops: Operations, monkeypatch: pytest.Monke
                         lambda token, name, attrs, next_id: seen.append(name) or True)
     await write_file(ops, "tasks/new", b"a")
     for path, names in [("", {b"README", b"models", b"tasks", b"memory", b"sched", b"trace",
-                              b"devices", b"replay"}),
+                              b"devices", b"replay", b"users"}),
                         ("tasks", {b"new", b"latest", b"1"}),
                         ("tasks/1", {b"prompt", b"stream", b"status", b"config", b"ctl", b"fork",
                                      b"error"}),
