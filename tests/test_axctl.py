@@ -204,11 +204,25 @@ def test_top_once_prints_a_row_per_task(ax: Mount) -> None:
         axctl(ax, "kill", task)
 
 
-def test_replay_says_when_the_tree_has_no_replay(ax: Mount) -> None:
-    if (ax.path / "replay").exists():
-        pytest.skip("this tree has replay/")
-    done = axctl(ax, "replay", "1")
+def test_replay_says_when_the_tree_has_no_replay(tmp_path: Path) -> None:
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks/new").touch()  # looks like a tree, but one without replay/
+    done = axctl(tmp_path, "replay", "1")
     assert done.returncode == 4 and "has no replay directory" in done.stderr
+
+
+def test_replay_runs_a_task_again_and_says_match(ax: Mount) -> None:
+    if not (ax.path / "replay").is_dir():
+        pytest.skip("this tree has no replay/")
+    task = name()
+    assert axctl(ax, "submit", "-w", "--name", task, "-p", "max_tokens=8", "-p", "temperature=0",
+                 "replay me").returncode == 0
+    done = axctl(ax, "replay", task, "--timeline")
+    assert done.returncode == 0, done.stderr
+    timeline, result = done.stdout.rsplit("\n", 2)[0], done.stdout.splitlines()[-1]
+    assert timeline.startswith(f"task {task}\n") and " submit " in timeline
+    assert result == "match 8 tokens"
+    assert axctl(ax, "replay", "nosuchtask").returncode == 4
 
 
 def test_help_documents_the_exit_statuses() -> None:

@@ -59,7 +59,7 @@ def test_nightly_summary_runs_from_its_crontab_line(ax: Mount, tmp_path: Path) -
     (task,) = tasks_named(ax, "summary-")
     assert summary.read_text() == ax.read(f"tasks/{task}/stream")
     prompt = ax.read(f"tasks/{task}/prompt")
-    assert "line 299\n" in prompt and "line 100\n" in prompt and "line 99\n" not in prompt  # the last 200
+    assert "line 299\n" in prompt and "line 250\n" in prompt and "line 249\n" not in prompt  # the last 50
     assert prompt.rstrip().endswith("anything that needs attention:")
     assert ax.status(task)["generated_tokens"] == "16"
     missing = subprocess.run(["/bin/sh", "-c", command.replace(str(log), str(tmp_path / "nolog"))],
