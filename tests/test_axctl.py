@@ -244,6 +244,8 @@ class Tmux:
         self.socket = f"axctl-test-{os.getpid()}-{time.monotonic_ns()}"
         subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", "new-session", "-d", "-x", str(width),
                         "-y", str(height), "-c", str(REPO), command], check=True)
+        self.path = subprocess.run(["tmux", "-L", self.socket, "display", "-p", "#{socket_path}"],
+                                   capture_output=True, text=True).stdout.strip()
 
     def screen(self) -> str:
         return subprocess.run(["tmux", "-L", self.socket, "capture-pane", "-p"], capture_output=True,
@@ -266,6 +268,8 @@ class Tmux:
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        if self.path:
+            Path(self.path).unlink(missing_ok=True)  # tmux leaves its socket behind
 
 
 @pytest.fixture
