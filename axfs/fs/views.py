@@ -48,9 +48,12 @@ replay/ID/timeline   what happened to task ID, with times since it was submitted
 replay/ID/ctl        write "run": run task ID again (alone, same tokens, parameters, seed)
 replay/ID/result     "match N tokens", or where the first token differs
 devices              CPU and NVIDIA GPUs
+users/UID            your limits (tasks, prompt_bytes, max_tokens, tokens_per_hour), your
+                     use now, and your last refused writes with why
 
-A bad write fails with an errno (EINVAL, EBUSY, EFBIG, ...); the reason is in the
-task's error file and in trace.
+A bad write fails with an errno (EINVAL, EBUSY, EFBIG, ...); over a limit, with
+EDQUOT, EFBIG or E2BIG. The reason is in the task's error file, in trace and in
+users/UID. Mounted with --multi-user, a task is its owner's only (0700); root sees all.
 """
 
 
