@@ -36,7 +36,7 @@ class Limits:
 
     tasks: int = 256  # tasks queued, running or preempted at once
     prompt_bytes: int = 1 << 20  # bytes of one prompt (or fork text)
-    max_tokens: int = 65_536  # the most a task's max_tokens may be
+    max_tokens: int = 1_000_000  # the most a task's max_tokens may be (config's own most)
     tokens_per_hour: int = 0  # tokens processed for the user in any hour; 0: no limit
 
 
