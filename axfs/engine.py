@@ -75,9 +75,7 @@ class Engine:
         # Its sequence stays cached for later prompts unless its KV may be wrong: a failed
         # step, or a step still running for it.
         cache = state is not State.FAILED and task.seq not in self._inflight
-        seq = self.scheduler.drop(task, cache)
-        if seq is not None:
-            self._to_close.append(seq)
+        self._to_close += self.scheduler.drop(task, cache)
         self.wake()
         if self.on_end is not None:
             self.on_end(task)

@@ -39,14 +39,15 @@ RESERVED_NAMES = frozenset({"new", "latest"})
 class Kernel:
     def __init__(self, driver: Driver, trace: Trace | None = None, policy: str = "fair",
                  prefix_cache: bool = True, swap: SwapSpace | None = None,
-                 keeper: Keeper | None = None, quota: Quota | None = None) -> None:
+                 keeper: Keeper | None = None, cache_limit: int | None = None,
+                 quota: Quota | None = None) -> None:
         self.driver = driver
         self.model = driver.info
         self.trace = trace or Trace()
         shape = driver.shape
         self.kv = KVManager(shape.n_ctx, shape.n_seq_max, shape.cell_bytes,
                             seq_limit=min(shape.n_ctx, self.model.context_length or shape.n_ctx),
-                            prefix_cache=prefix_cache)
+                            prefix_cache=prefix_cache, cache_limit=cache_limit)
         self.scheduler = Scheduler(self.kv, shape.n_batch, make_policy(policy))
         self.engine = Engine(driver, self.scheduler, self.trace, swap)
         self.engine.swap.on_error = lambda task_id, why: self.trace.emit("error", task_id, reason=why)

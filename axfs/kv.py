@@ -107,12 +107,15 @@ def common_prefix(a: list[int], b: list[int], limit: int) -> int:
 
 class KVManager:
     def __init__(self, capacity_cells: int, slots: int, cell_bytes: int, seq_limit: int,
-                 prefix_cache: bool = True) -> None:
+                 prefix_cache: bool = True, cache_limit: int | None = None) -> None:
         self.capacity_cells = capacity_cells
         self.seq_limit = min(seq_limit, capacity_cells)  # most cells one sequence may hold
         self.slots = slots
         self.cell_bytes = cell_bytes
         self.prefix_cache = prefix_cache
+        # Cells held only by cached sequences, at most: llama.cpp's attention spans every
+        # used cell of the unified cache, so cached cells slow every step a little.
+        self.cache_limit = capacity_cells // 4 if cache_limit is None else cache_limit
         self.counters = KVCounters()
         self.used_cells = 0
         self._free = list(range(slots - 1, -1, -1))
@@ -249,12 +252,13 @@ class KVManager:
             blocks.append(Block(n))
         self.used_cells += n
 
-    def release(self, task: Task, cache: bool) -> int | None:
-        """Take ``task``'s slot back. With ``cache`` its sequence stays as a cached one;
-        otherwise its cells are freed and the slot returned, for the driver to clear."""
+    def release(self, task: Task, cache: bool) -> list[int]:
+        """Take ``task``'s slot back. With ``cache`` its sequence stays as a cached one
+        (and older cached ones past ``cache_limit`` go); the slots whose cells were freed
+        are returned, for the driver to clear."""
         slot = task.seq
         if slot is None or self._running.get(slot) is not task:
-            return None
+            return []
         del self._running[slot]
         task.seq = None
         task.kv_reserved = 0
@@ -262,10 +266,22 @@ class KVManager:
         if cache and self.prefix_cache and n >= MIN_PREFIX:
             tokens = (task.prompt_tokens + task.output_tokens)[:n]
             self._cached[slot] = Cached(slot=slot, tokens=tokens, task_id=task.id)
-            return None
+            return self._trim_cache()
         self._drop(slot)
         self._free.append(slot)
-        return slot
+        return [slot]
+
+    def _trim_cache(self) -> list[int]:
+        """Evict the least recently used cached sequences past ``cache_limit`` cells (the
+        newest one stays, so that a conversation can go on)."""
+        out: list[int] = []
+        while len(self._cached) > 1 and self.stats().cached_cells > self.cache_limit:
+            slot = next(iter(self._cached))
+            self._drop(slot)
+            self._free.append(slot)
+            self.counters.evictions += 1
+            out.append(slot)
+        return out
 
     def freed_by(self, task: Task) -> int:
         """Cells that preempting the running ``task`` would give back (its reserved growth

@@ -78,9 +78,9 @@ class Scheduler:
     def add(self, task: Task) -> None:
         self.waiting.append(task)
 
-    def drop(self, task: Task, cache: bool = True) -> int | None:
+    def drop(self, task: Task, cache: bool = True) -> list[int]:
         """Forget a task that ended or was killed. Its sequence stays cached for prompts
-        that begin like it (``cache``) or its slot is returned, for the driver to clear."""
+        that begin like it (``cache``); the slots to clear in the driver are returned."""
         if task in self.waiting:
             self.waiting.remove(task)
         if task in self.running:

@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a per-user limit: tasks, prompt_bytes, max_tokens, tokens_per_hour")
     m.add_argument("--prefix-cache", choices=["on", "off"], default="on",
                    help="keep ended tasks' KV for prompts that begin the same way")
+    m.add_argument("--cache-cells", type=int, metavar="CELLS",
+                   help="KV cells of ended tasks kept for the prefix cache, at most (default ctx/4)")
     m.add_argument("--swap-mem", type=int, default=512, metavar="MIB",
                    help="MiB of preempted tasks' KV kept in memory; the rest goes to the state dir")
     m.add_argument("--journal", choices=["on", "off"], default="on",
@@ -147,7 +149,7 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
                         multi_user=args.multi_user, limits=tuple(args.limit),
                         prefix_cache=args.prefix_cache == "on", swap_mem=args.swap_mem << 20,
                         keep_tasks=args.keep_tasks, keep_days=args.keep_days,
-                        journal=args.journal == "on")
+                        journal=args.journal == "on", cache_cells=args.cache_cells)
     try:
         return serve(opts, ready)
     finally:
@@ -165,6 +167,7 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
             "--prefix-cache", args.prefix_cache, "--swap-mem", str(args.swap_mem),
             "--keep-tasks", str(args.keep_tasks), "--keep-days", str(args.keep_days),
             "--journal", args.journal,
+            *(["--cache-cells", str(args.cache_cells)] if args.cache_cells is not None else []),
             "--ready-fd", str(write_end)]
     if args.threads:
         argv += ["--threads", str(args.threads)]

@@ -57,6 +57,7 @@ class MountOptions:
     keep_tasks: int = 1000  # finished tasks kept in the tree and the journal
     keep_days: float = 7.0  # ... and for how long
     journal: bool = True
+    cache_cells: int | None = None  # cells of ended tasks' KV kept, at most (None: ctx/4)
 
 
 def prepare_mountpoint(mountpoint: Path) -> None:
@@ -100,6 +101,7 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
         keeper = Keeper(Journal(opts.state_dir), file_sha256(opts.model, opts.state_dir),
                         Retention(opts.keep_tasks, opts.keep_days * 86400)) if opts.journal else None
         kernel = Kernel(driver, policy=opts.policy, prefix_cache=opts.prefix_cache,
+                        cache_limit=opts.cache_cells,
                         swap=SwapSpace(opts.swap_mem, opts.state_dir / "swap"), keeper=keeper,
                         quota=quota)
         ops = Operations(kernel, multi_user=opts.multi_user)

@@ -48,16 +48,15 @@ def test_shared_cells_count_once_and_go_with_their_last_holder() -> None:
     kv.grow(b.seq or 0, 2)
     stats = kv.stats()
     assert stats.used_cells == 102 and stats.running_cells == 102 and stats.cached_cells == 0
-    assert kv.release(a, cache=True) is None  # a stays cached
+    assert kv.release(a, cache=True) == []  # a stays cached
     stats = kv.stats()
     assert (stats.running_cells, stats.cached_cells, stats.slots_cached) == (62, 40, 1)
-    slot = kv.release(b, cache=False)
-    assert slot is not None and kv.used_cells == 100  # a still holds the 60 shared cells
+    assert kv.release(b, cache=False) == [1] and kv.used_cells == 100  # a still holds the 60 shared cells
     assert kv.stats().cached_cells == 100
 
 
 def test_a_full_cache_evicts_the_least_recently_used_cached_sequence() -> None:
-    kv = KVManager(capacity_cells=300, slots=8, cell_bytes=2, seq_limit=300)
+    kv = KVManager(capacity_cells=300, slots=8, cell_bytes=2, seq_limit=300, cache_limit=300)
     old, new = made([1] * 100, 0), made([2] * 100, 0)
     for t in (old, new):
         adm = kv.plan(t)
@@ -183,3 +182,25 @@ async def test_preempted_state_beyond_the_memory_budget_goes_to_disk(tmp_path: P
     assert not list((tmp_path / "swap").iterdir())
     assert hog.num_preempted >= 1 and hog.state is State.DONE and hog.num_generated == 300
     assert "SwapOuts:" in views.memory(k)
+
+
+def test_cached_cells_past_the_limit_go_oldest_first_but_the_newest_stays() -> None:
+    kv = KVManager(capacity_cells=1000, slots=8, cell_bytes=2, seq_limit=1000, cache_limit=150)
+    evicted = []
+    for i in range(3):
+        t = made([i + 1] * 100, 0)
+        adm = kv.plan(t)
+        assert adm is not None
+        kv.commit(adm)
+        kv.grow(t.seq or 0, 100)
+        t.num_cached = 100
+        evicted.append(kv.release(t, cache=True))
+    assert [len(e) for e in evicted] == [0, 1, 1] and kv.stats().cached_cells == 100
+    assert kv.counters.evictions == 2
+    big = made([9] * 400, 0)
+    adm = kv.plan(big)
+    assert adm is not None
+    kv.commit(adm)
+    kv.grow(big.seq or 0, 400)
+    big.num_cached = 400
+    assert len(kv.release(big, cache=True)) == 1 and kv.stats().cached_cells == 400  # over, kept

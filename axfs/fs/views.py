@@ -117,6 +117,7 @@ def memory(kernel: Kernel) -> str:
         ("SequencesRunning", f"{kv.slots_running}"),
         ("SequencesCached", f"{kv.slots_cached}"),
         ("PrefixCache", "on" if kernel.kv.prefix_cache else "off"),
+        ("PrefixCacheLimit", f"{kernel.kv.cache_limit} cells"),
         ("PrefixHits", f"{c.prefix_hits}"),
         ("PrefixTokensSaved", f"{c.prefix_tokens} tokens"),
         ("Evictions", f"{c.evictions}"),
