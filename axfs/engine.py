@@ -36,6 +36,7 @@ class StepResult:
     restored_bytes: int = 0
     step_s: float = 0.0
     aborted: bool = False
+    error: str = ""  # why the step itself failed (the sequences are as before it)
 
 
 class Engine:
@@ -147,6 +148,8 @@ class Engine:
             result.sampled = self.driver.step(plan.pieces) if plan.pieces else {}
         except StepAborted:
             result.aborted = True
+        except DriverError as e:
+            result.error = str(e) or type(e).__name__
         result.step_s = time.perf_counter() - start
         return result
 
@@ -162,6 +165,12 @@ class Engine:
                 self.trace.emit("swap_in", task.id, task.uid, cells=task.num_cached)
             task.saved = None
         self._learn(plan, result)
+        if result.error:
+            self._step_failed(plan, result.error)
+            return
+        if len(plan.owners) == 1:
+            for task in plan.owners.values():
+                task.isolate = False  # it ran alone and the step worked
         if result.aborted:
             self.num_aborted += 1
             self.trace.emit("abort_step", tokens=plan.num_tokens, ms=round(result.step_s * 1000, 1))
@@ -196,6 +205,20 @@ class Engine:
                                 tokens=task.num_generated,
                                 seconds=round(time.time() - task.submitted_at, 3))
                 self.end(task, task.state, task.finish_reason)
+
+    def _step_failed(self, plan: StepPlan, error: str) -> None:
+        """A step failed. Alone in it, the task fails with the reason; with others, each
+        of them runs alone next (see Scheduler), so only the one that fails alone fails."""
+        owners = [t for t in plan.owners.values() if not t.finished]
+        log.warning("step of %d tasks failed: %s", len(owners), error)
+        if len(owners) == 1:
+            task = owners[0]
+            self.trace.emit("error", task.id, task.uid, reason=error)
+            self.end(task, State.FAILED, "error", f"model error: {error}")
+            return
+        self.trace.emit("step_error", tasks=len(owners), reason=error)
+        for task in owners:
+            task.isolate = True
 
     def _learn(self, plan: StepPlan, result: StepResult) -> None:
         """Refine the scheduler's cost estimates from what this step took."""

@@ -303,6 +303,8 @@ class Kernel:
     def adopt(self, task: Task) -> None:
         """Put a task read back from the journal into the tree."""
         self.tasks[task.id] = task
+        if not task.finished:
+            self.quota.track(task)  # counts toward its user's limits
         latest = self.latest(task.uid)
         if latest is None or latest.submitted_at <= task.submitted_at:
             self._latest[task.uid] = task.id

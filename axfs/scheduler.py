@@ -95,8 +95,8 @@ class Scheduler:
             self._place(ranked, plan)
         budget = self.n_batch
         pendings = [(t, t.pending()) for t in ranked if t.seq is not None]
-        alone = [(t, p) for t, p in pendings if t.exclusive]
-        if alone:  # a replay runs in steps of its own (see axfs.replay)
+        alone = [(t, p) for t, p in pendings if t.exclusive or t.isolate]
+        if alone:  # a replay, or a task of a failed step, runs in steps of its own
             pendings = alone[:1]
         boosted = [(t, p) for t, p in pendings if self._boosted(t, p)]
         if boosted:

@@ -51,6 +51,7 @@ class Task:
         self.parent = ""  # the task this one was forked from
         self.model_sha = ""  # sha256 of the model file it was submitted to
         self.exclusive = False  # runs alone in its steps (a replay)
+        self.isolate = False  # was in a step that failed: runs alone until a step works
         self.stepwise_until = 0  # recompute up to here as first computed (see Scheduler)
         # What happened to it, for replay/ID/timeline: [ms since submission, event, details]
         self.timeline: list[tuple[float, str, dict[str, Any]]] = []

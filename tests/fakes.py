@@ -39,6 +39,7 @@ class FakeDriver:
         self.open: dict[int, Sampling] = {}
         self.positions: dict[int, int] = {}  # next position each sequence expects
         self.fail_next: str | None = None
+        self.fail_seq: int | None = None  # every step with this sequence in it fails
         self.saves = self.restores = self.aborted = 0
         self.copies: list[tuple[int, int, int]] = []
         self.aborting = False
@@ -103,6 +104,8 @@ class FakeDriver:
         if self.fail_next:
             message, self.fail_next = self.fail_next, None
             raise DriverError(message)
+        if self.fail_seq is not None and any(p.seq == self.fail_seq for p in pieces):
+            raise DriverError(f"sequence {self.fail_seq} is poisoned")
         if sum(len(p.tokens) for p in pieces) > self.shape.n_batch:
             raise DriverError("over n_batch")
         self.steps.append(pieces)

@@ -200,3 +200,23 @@ async def test_mkdir_names_are_checked(kernel: Kernel) -> None:
     for bad in ("new", "latest", "../x", "", ".hidden", "a" * 65):
         with pytest.raises(BadInput):
             kernel.create(0, 0, bad)
+
+
+async def test_a_driver_error_fails_only_the_task_that_fails_alone() -> None:
+    driver = FakeDriver(n_seq_max=4, n_ctx=4000)
+    k = Kernel(driver)
+    tasks = [await submit(k, "a", max_tokens=30) for _ in range(3)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.run)
+        while not all(t.num_generated >= 3 for t in tasks):
+            await trio.sleep(0.001)
+        poisoned = tasks[1]
+        driver.fail_seq = poisoned.seq
+        for t in tasks:
+            await wait_done(t)
+        nursery.cancel_scope.cancel()
+    assert poisoned.state is State.FAILED and "poisoned" in poisoned.error
+    for t in (tasks[0], tasks[2]):
+        assert t.state is State.DONE and t.num_generated == 30 and not t.isolate
+    trace = k.trace.read(0, 1 << 20)[0].decode()
+    assert " step_error tasks=3 " in trace
