@@ -47,8 +47,7 @@ class Kernel:
         shape = driver.shape
         self.kv = KVManager(shape.n_ctx, shape.n_seq_max, shape.cell_bytes,
                             seq_limit=min(shape.n_ctx, self.model.context_length or shape.n_ctx),
-                            prefix_cache=prefix_cache, cache_limit=cache_limit,
-                            unified=shape.unified)
+                            prefix_cache=prefix_cache, cache_limit=cache_limit)
         self.scheduler = Scheduler(self.kv, shape.n_batch, make_policy(policy))
         self.engine = Engine(driver, self.scheduler, self.trace, swap)
         self.engine.swap.on_error = lambda task_id, why: self.trace.emit("error", task_id, reason=why)

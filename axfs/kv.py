@@ -107,22 +107,15 @@ def common_prefix(a: list[int], b: list[int], limit: int) -> int:
 
 class KVManager:
     def __init__(self, capacity_cells: int, slots: int, cell_bytes: int, seq_limit: int,
-                 prefix_cache: bool = True, cache_limit: int | None = None,
-                 unified: bool = True) -> None:
+                 prefix_cache: bool = True, cache_limit: int | None = None) -> None:
         self.capacity_cells = capacity_cells
-        # Split (not unified): each slot has its own capacity_cells / slots cells, and a
-        # copied prefix is copied, not shared (llama.cpp copies across streams).
-        self.unified = unified
-        per_slot = capacity_cells if unified else capacity_cells // slots
-        self.seq_limit = min(seq_limit, per_slot)  # most cells one sequence may hold
+        self.seq_limit = min(seq_limit, capacity_cells)  # most cells one sequence may hold
         self.slots = slots
         self.cell_bytes = cell_bytes
         self.prefix_cache = prefix_cache
         # Cells held only by cached sequences, at most: llama.cpp's attention spans every
         # used cell of the unified cache, so cached cells slow every step a little.
-        # (Split, a cached sequence's cells are in its own stream: they cost no time.)
-        default = capacity_cells // 4 if unified else capacity_cells
-        self.cache_limit = default if cache_limit is None else cache_limit
+        self.cache_limit = capacity_cells // 4 if cache_limit is None else cache_limit
         self.counters = KVCounters()
         self.used_cells = 0
         self._free = list(range(slots - 1, -1, -1))
@@ -214,7 +207,7 @@ class KVManager:
         else:
             return None
         free = self.capacity_cells - self.used_cells - self.growth_cells
-        while free + freed < need - (prefix if self.unified else 0):
+        while free + freed < need - prefix:
             if not victims:
                 return None
             evict(victims.pop(0))
@@ -233,8 +226,6 @@ class KVManager:
         if adm.adopt:
             del self._cached[slot]
             self._truncate(slot, adm.prefix)
-        elif adm.source is not None and not self.unified:
-            self.grow(slot, adm.prefix)
         elif adm.source is not None:
             self._share(adm.source, slot, adm.prefix)
             if adm.source in self._cached:

@@ -76,11 +76,10 @@ class SeqState:
 class ContextShape:
     """The shape of the runtime context a driver opened."""
 
-    n_ctx: int  # KV cells in all
+    n_ctx: int  # KV cells in all, shared by every sequence
     n_seq_max: int  # sequence slots
     n_batch: int  # most tokens one step may carry
     cell_bytes: int  # bytes of KV per cell (all layers, K and V)
-    unified: bool = True  # one pool shared by every sequence, or n_ctx / n_seq_max each
 
 
 class Driver(Protocol):

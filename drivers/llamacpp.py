@@ -111,7 +111,6 @@ class LlamaCppDriver:
         n_batch: int = 512,
         n_threads: int | None = None,
         repack: bool | None = None,
-        unified: bool = True,
     ) -> None:
         path = Path(path).resolve()
         check_gguf(path)
@@ -141,11 +140,7 @@ class LlamaCppDriver:
         cparams.n_seq_max = n_seq_max
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        # Unified: one pool of cells for all sequences, which copy prefixes by sharing
-        # cells; split: n_ctx / n_seq_max cells each, and attention spans only a
-        # sequence's own cells (llama-server's default).
-        cparams.kv_unified = unified
-        self.unified = unified
+        cparams.kv_unified = True
         cparams.no_perf = True
         self._abort, self._abort_cb = _abort_flag()
         cparams.abort_callback = self._abort_cb
@@ -161,7 +156,6 @@ class LlamaCppDriver:
             n_seq_max=lc.llama_n_seq_max(ctx),
             n_batch=lc.llama_n_batch(ctx),
             cell_bytes=self._cell_bytes(),
-            unified=unified,
         )
         self._batch = lc.llama_batch_init(self.shape.n_batch, 0, 1)
         self._samplers: dict[int, ctypes.c_void_p] = {}
@@ -261,13 +255,8 @@ class LlamaCppDriver:
         self._drop_sampler(seq)
 
     def copy_seq(self, src: int, dst: int, n: int) -> None:
-        if self.unified:
-            # In the unified cache this adds ``dst`` to the cells of ``src``: nothing copied.
-            lc.llama_memory_seq_cp(self._mem, src, dst, 0, n)
-            return
-        # Across split streams llama.cpp copies whole sequences only (then the tail goes).
-        lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
-        self.trim_seq(dst, n)
+        # In the unified cache this adds ``dst`` to the cells of ``src``: no KV is copied.
+        lc.llama_memory_seq_cp(self._mem, src, dst, 0, n)
 
     def trim_seq(self, seq: int, n: int) -> None:
         if not lc.llama_memory_seq_rm(self._mem, seq, n, -1):

@@ -77,9 +77,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="a per-user limit: tasks, prompt_bytes, max_tokens, tokens_per_hour")
     m.add_argument("--prefix-cache", choices=["on", "off"], default="on",
                    help="keep ended tasks' KV for prompts that begin the same way")
-    m.add_argument("--kv", choices=["unified", "split"], default="unified",
-                   help="unified: one pool of KV cells for all tasks, prefixes shared; split: "
-                        "ctx/slots cells each, faster attention for many tasks (llama-server's)")
     m.add_argument("--cache-cells", type=int, metavar="CELLS",
                    help="KV cells of ended tasks kept for the prefix cache, at most (default ctx/4)")
     m.add_argument("--swap-mem", type=int, default=512, metavar="MIB",
@@ -152,8 +149,7 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
                         multi_user=args.multi_user, limits=tuple(args.limit),
                         prefix_cache=args.prefix_cache == "on", swap_mem=args.swap_mem << 20,
                         keep_tasks=args.keep_tasks, keep_days=args.keep_days,
-                        journal=args.journal == "on", cache_cells=args.cache_cells,
-                        kv_unified=args.kv == "unified")
+                        journal=args.journal == "on", cache_cells=args.cache_cells)
     try:
         return serve(opts, ready)
     finally:
@@ -170,7 +166,7 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
             "--repack", args.repack, "--policy", args.policy, "--log-level", args.log_level,
             "--prefix-cache", args.prefix_cache, "--swap-mem", str(args.swap_mem),
             "--keep-tasks", str(args.keep_tasks), "--keep-days", str(args.keep_days),
-            "--journal", args.journal, "--kv", args.kv,
+            "--journal", args.journal,
             *(["--cache-cells", str(args.cache_cells)] if args.cache_cells is not None else []),
             "--ready-fd", str(write_end)]
     if args.threads:

@@ -57,7 +57,6 @@ class MountOptions:
     keep_tasks: int = 1000  # finished tasks kept in the tree and the journal
     keep_days: float = 7.0  # ... and for how long
     journal: bool = True
-    kv_unified: bool = True  # one pool of cells for all tasks, or ctx / slots each
     cache_cells: int | None = None  # cells of ended tasks' KV kept, at most (None: ctx/4)
 
 
@@ -91,7 +90,7 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
         prepare_mountpoint(opts.mountpoint)
         driver = LlamaCppDriver(opts.model, n_ctx=opts.n_ctx, n_seq_max=opts.slots,
                                 n_batch=opts.n_batch, n_threads=opts.threads,
-                                repack=opts.repack, unified=opts.kv_unified)
+                                repack=opts.repack)
     except (MountError, ModelLoadError) as e:
         ready(f"error: {e}")
         return 1

@@ -25,8 +25,8 @@ SYSTEM = ("You are a helpful assistant. Answer in one short sentence, and never 
 
 @asynccontextmanager
 async def kernel(model: Path, prefix_cache: bool = True, slots: int = 4,
-                 swap: SwapSpace | None = None, unified: bool = True) -> AsyncIterator[Kernel]:
-    driver = LlamaCppDriver(model, n_ctx=4096, n_seq_max=slots, n_batch=256, unified=unified)
+                 swap: SwapSpace | None = None) -> AsyncIterator[Kernel]:
+    driver = LlamaCppDriver(model, n_ctx=4096, n_seq_max=slots, n_batch=256)
     k = Kernel(driver, prefix_cache=prefix_cache, swap=swap)
     try:
         async with trio.open_nursery() as nursery:
@@ -124,26 +124,3 @@ async def test_swapped_out_to_disk_and_back_gives_the_uninterrupted_text(
     assert hog.num_preempted >= 1 and swap.outs >= 1 and swap.ins >= 1
     assert swap.out_bytes > 0 and swap.disk_count == 0
     assert hog.output_tokens == alone.output_tokens
-
-
-async def test_split_kv_copies_prefixes_and_gives_the_same_text(tiny_model: Path) -> None:
-    """--kv split: each slot its own cells; a prefix is copied between them, not shared."""
-    async def scenario(k: Kernel) -> Task:
-        first = await done(k, SYSTEM + "what is the capital of France?")
-        child = await k.fork(first, 1, 1, b" And of Italy?")
-        await run_until(k, lambda: child.finished, limit=60)
-        return child
-
-    async with kernel(tiny_model, unified=False) as k:
-        assert k.kv.seq_limit == 1024 and not k.kv.unified
-        split = await scenario(k)
-        driver = k.driver
-        assert isinstance(driver, LlamaCppDriver)
-        for slot in k.kv.cached_slots():
-            assert k.kv.cells(slot) == driver.seq_cells(slot) > 0
-        stats = k.kv.stats()
-        assert stats.used_cells == sum(k.kv.cells(s) for s in k.kv.cached_slots())  # no sharing
-    async with kernel(tiny_model, prefix_cache=False) as k:
-        scratch = await scenario(k)
-    assert split.prefix_reused > 0 and scratch.prefix_reused == 0
-    assert split.output_tokens == scratch.output_tokens
