@@ -248,8 +248,7 @@ class Journal:
 
 def snapshot(task: Task, model_sha: str) -> dict[str, Any]:
     """One record holding a task whole, for compaction."""
-    rec = task_record(task, model_sha)
-    rec["model_sha"] = task.model_sha or model_sha
+    rec = task_record(task, task.model_sha or model_sha)
     rec["generated"] = list(task.output_tokens)
     if task.finished:
         rec["end"] = end_record(task)

@@ -94,12 +94,9 @@ class Keeper:
         message = f"journal write failed: {e.strerror or e}"
         if message != self.error:
             log.error("%s (%s)", message, self.journal.path)
-            self.kernel_trace(message)
+            if self._kernel is not None:
+                self._kernel.trace.emit("journal_error", reason=message)
         self.error = message
-
-    def kernel_trace(self, message: str) -> None:
-        if self._kernel is not None:
-            self._kernel.trace.emit("journal_error", reason=message)
 
     async def run(self, kernel: Kernel) -> None:
         """Every ``interval``: journal new tokens and ends, fsync, apply retention."""

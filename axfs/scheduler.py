@@ -6,10 +6,10 @@ when a slot and its KV cells are free (cached sequences are evicted for it; see
 axfs.kv); if not, running tasks ranked below the slots that have had their turn are
 preempted to make room, but only when that makes enough room (check, then commit). A
 turn is ``quantum`` tokens since admission, or ``min_turn`` when the waiting task is a
-newcomer, so that tasks do not trade places (and swap their KV) at every step. Every admitted task
-with one token pending decodes it (continuous batching); the step's remaining token
-budget goes to prompt prefill in chunks, best ranked first, so a long prompt never
-stalls running streams. Under the fair policy, the first token of a user who had
+newcomer, so that tasks do not trade places (and swap their KV) at every step. Every
+admitted task with one token pending decodes it (continuous batching); the step's
+remaining token budget goes to prompt prefill in chunks, best ranked first, so a long
+prompt never stalls running streams. Under the fair policy, the first token of a user who had
 nothing running comes from a step of its own (see Policy.boosts_newcomers).
 """
 

@@ -22,6 +22,14 @@ def _value(v: object) -> str:
     return repr(s) if (not s or any(c in s for c in " \n\t=\"'")) else s
 
 
+def _line(event: str, task: str, uid: int | str, details: dict[str, object]) -> bytes:
+    """``time task uid event key=value...``; values with spaces are quoted."""
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    extra = "".join(f" {k}={_value(v)}" for k, v in details.items())
+    return f"{stamp} {task} {uid} {event}{extra}\n".encode()
+
+
 class Trace:
     def __init__(self, max_lines: int = 20_000) -> None:
         self._lines: deque[bytes] = deque()
@@ -38,10 +46,7 @@ class Trace:
 
     def emit(self, event: str, task: str = "-", uid: int | str = "-", **details: object) -> None:
         """Add ``time task uid event key=value...``; values with spaces are quoted."""
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
-        extra = "".join(f" {k}={_value(v)}" for k, v in details.items())
-        line = f"{stamp} {task} {uid} {event}{extra}\n".encode()
+        line = _line(event, task, uid, details)
         log.debug("trace: %s", line.decode().rstrip())
         self._lines.append(line)
         self._size += len(line)
@@ -66,11 +71,10 @@ class Trace:
         if offset >= self._base:
             data, start = self.read(offset, size)
             return data, start + len(data)
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
         n = self.missed(offset)
-        notice = (f"{stamp} - - trace_dropped lines={n}{'+' if offset < self._forgotten_end() else ''}"
-                  f" reason='this reader fell behind the {self._max_lines} lines kept'\n").encode()
+        notice = _line("trace_dropped", "-", "-", {
+            "lines": f"{n}{'+' if offset < self._forgotten_end() else ''}",
+            "reason": f"this reader fell behind the {self._max_lines} lines kept"})
         if len(notice) >= size:
             data, start = self.read(offset, size)
             return data, start + len(data)
