@@ -82,6 +82,51 @@ def gpus() -> tuple[list[Gpu], str]:
         pynvml.nvmlShutdown()
 
 
+def free_gpu_memory() -> list[tuple[int, int]]:
+    """(NVML index, free bytes) of each NVIDIA GPU; [] without NVML or a GPU."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    try:
+        return [(i, int(pynvml.nvmlDeviceGetMemoryInfo(
+                    pynvml.nvmlDeviceGetHandleByIndex(i)).free))
+                for i in range(pynvml.nvmlDeviceGetCount())]
+    except pynvml.NVMLError as e:
+        log.warning("nvml could not read GPU memory: %s", e)
+        return []
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def plan_gpu_layers(layers: int, model_bytes: int, kv_bytes: int, free_bytes: int,
+                    reserve_bytes: int = 512 << 20) -> int:
+    """How many of a model's ``layers`` repeating layers to offload to a GPU with
+    ``free_bytes`` free, keeping ``reserve_bytes`` for llama.cpp's compute buffers and
+    the CUDA context; llama.cpp's ``n_gpu_layers``.
+
+    The estimate: the weights (``model_bytes``, the file's size will do) are split in
+    ``layers + 1`` equal shares, one a layer and one for the token embedding and the
+    output head; each offloaded layer also holds its part of the KV cache
+    (``kv_bytes / layers``). When everything fits, the answer is ``layers + 1``: every
+    layer and the output (llama.cpp's "all"); else as many layers as fit, the output
+    staying on the CPU; 0 when not even one does.
+    """
+    if layers <= 0:
+        return 0
+    budget = free_bytes - reserve_bytes
+    if model_bytes + kv_bytes <= budget:
+        return layers + 1
+    per_layer = model_bytes / (layers + 1) + kv_bytes / layers
+    if per_layer <= 0:  # nothing to place, and not even the reserve fits
+        return 0
+    return max(0, min(layers, int(budget // per_layer)))
+
+
 def render() -> str:
     lines = cpu_lines()
     found, why = gpus()

@@ -92,9 +92,11 @@ class Driver(Protocol):
     info: ModelInfo
     shape: ContextShape
 
-    def tokenize(self, text: str, bos: bool = True) -> list[int]:
+    def tokenize(self, text: str, bos: bool = True, *, special: bool = False) -> list[int]:
         """``text`` as tokens, beginning with the model's BOS token if it uses one and
-        ``bos`` (a text that continues another takes none)."""
+        ``bos`` (a text that continues another takes none). With ``special``, the
+        special and control tokens written in the text (``<start_of_turn>`` in a chat
+        template's output) become those tokens; without, they are plain text."""
         ...
 
     def piece(self, token: int) -> bytes: ...

@@ -18,6 +18,8 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
+from axfs.devices import free_gpu_memory, gpus, plan_gpu_layers
+from drivers import gguf
 from drivers.base import (
     ContextShape,
     DriverError,
@@ -83,6 +85,24 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def kv_cell_bytes(metadata: dict[str, object]) -> int:
+    """Bytes of KV one cell takes across all layers, assuming f16 K and V, from a GGUF's
+    metadata (0 when it does not say enough)."""
+    arch = metadata.get("general.architecture", "")
+
+    def num(key: str) -> int:
+        value = metadata.get(f"{arch}.{key}", 0)
+        if isinstance(value, tuple):  # per-layer counts (OpenELM): the most any layer has
+            value = max((v for v in value if isinstance(v, int)), default=0)
+        return value if isinstance(value, int) else 0
+
+    n_head = num("attention.head_count")
+    n_head_kv = num("attention.head_count_kv") or n_head
+    head_k = num("attention.key_length") or (num("embedding_length") // n_head if n_head else 0)
+    head_v = num("attention.value_length") or head_k
+    return num("block_count") * n_head_kv * (head_k + head_v) * 2
+
+
 def check_gguf(path: Path) -> None:
     """Fail with a clear message when ``path`` is not a readable GGUF file."""
     if not path.exists():
@@ -111,17 +131,23 @@ class LlamaCppDriver:
         n_batch: int = 512,
         n_threads: int | None = None,
         repack: bool | None = None,
+        gpu_layers: int | None = None,
     ) -> None:
+        """``gpu_layers``: layers to offload to the GPU (llama.cpp's ``n_gpu_layers``;
+        the layer count + 1 or more, or a negative number, puts all of it there); None
+        chooses: 0 without a GPU or a llama.cpp built for one, else as many as fit in
+        the first GPU's free memory with this context's KV (``plan_gpu_layers``)."""
         path = Path(path).resolve()
         check_gguf(path)
         _init_backend()
+        gpu, n_gpu_layers = self._plan_gpu(path, n_ctx, gpu_layers)
         mparams = lc.llama_model_default_params()
         # Repacked weight layouts make batched steps about a quarter faster here, but
         # llama.cpp's AMX repack path crashes on the first decode (DESIGN.md): by default
         # repack everywhere except on CPUs with AMX.
         self.repack = not cpu_has_amx() if repack is None else repack
         mparams.use_extra_bufts = self.repack
-        mparams.n_gpu_layers = 0
+        mparams.n_gpu_layers = n_gpu_layers
         _recent_log.clear()
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
@@ -161,6 +187,10 @@ class LlamaCppDriver:
         self._samplers: dict[int, ctypes.c_void_p] = {}
         self._greedy: set[int] = set()  # sequences sampled by argmax of the logits
         self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+        template = lc.llama_model_chat_template(model, None)
+        self.chat_template = template.decode("utf-8", "replace") if template else ""
+        n_layer = lc.llama_model_n_layer(model)
+        offloaded = self._offloaded(n_gpu_layers, n_layer)
         self.info = ModelInfo(
             name=name or path.stem,
             path=str(path),
@@ -170,10 +200,54 @@ class LlamaCppDriver:
             size_bytes=lc.llama_model_size(model),
             context_length=lc.llama_model_n_ctx_train(model),
             vocab_size=lc.llama_vocab_n_tokens(self._vocab),
-            device=f"cpu ({threads} threads{', repacked weights' if self.repack else ''})",
-            extra={"file_bytes": str(path.stat().st_size)},
+            device=self._device(gpu, offloaded, n_layer, threads),
+            extra={"file_bytes": str(path.stat().st_size), "gpu_layers": str(offloaded)},
         )
         log.info("loaded %s: %s, context %s", path, self.info.description, self.shape)
+
+    # -- where it runs ------------------------------------------------------------------
+
+    @staticmethod
+    def _plan_gpu(path: Path, n_ctx: int, asked: int | None) -> tuple[int | None, int]:
+        """(the NVML index of the GPU planned for or None, n_gpu_layers)."""
+        if not lc.llama_supports_gpu_offload():
+            if asked:
+                log.warning("this llama.cpp has no GPU support: %d GPU layers asked, none used",
+                            asked)
+            return None, 0
+        free = free_gpu_memory()
+        if asked is not None:
+            return (free[0][0] if free else None), asked
+        if not free:
+            log.info("llama.cpp supports GPU offload but NVML sees no GPU: the model runs on CPU")
+            return None, 0
+        index, free_bytes = free[0]
+        try:
+            header = gguf.read_header(path)
+        except ValueError as e:
+            raise ModelLoadError(f"model file {path}: {e}") from e
+        layers = gguf.info(header, path).layers
+        kv_bytes = n_ctx * kv_cell_bytes(header.metadata)
+        n = plan_gpu_layers(layers, header.size_bytes, kv_bytes, free_bytes)
+        log.info("GPU %d has %d MiB free: %d of %d layers planned for it (model %d MiB, KV %d MiB)",
+                 index, free_bytes >> 20, n, layers, header.size_bytes >> 20, kv_bytes >> 20)
+        return index, n
+
+    @staticmethod
+    def _offloaded(n_gpu_layers: int, n_layer: int) -> int:
+        """Layers llama.cpp puts on the GPU for ``n_gpu_layers`` (the output counts as one)."""
+        if not lc.llama_supports_gpu_offload():
+            return 0
+        return n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layer + 1)
+
+    def _device(self, gpu: int | None, offloaded: int, n_layer: int, threads: int) -> str:
+        cpu = f"cpu ({threads} threads{', repacked weights' if self.repack else ''})"
+        if not offloaded:
+            return cpu
+        names = {g.index: g.name for g in gpus()[0]}
+        where = f"GPU {gpu} {names.get(gpu, '')}".rstrip() if gpu is not None else "GPU"
+        output = " + output" if offloaded > n_layer else ""
+        return f"{where}: {min(offloaded, n_layer)}/{n_layer} layers{output}; {cpu}"
 
     # -- model facts ---------------------------------------------------------------
 
@@ -201,12 +275,13 @@ class LlamaCppDriver:
 
     # -- vocabulary ----------------------------------------------------------------
 
-    def tokenize(self, text: str, bos: bool = True) -> list[int]:
+    def tokenize(self, text: str, bos: bool = True, *, special: bool = False) -> list[int]:
         data = text.encode("utf-8")
         cap = len(data) + 8
         while True:
             buf = (lc.llama_token * cap)()
-            n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, self._add_bos and bos, False)
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf, cap, self._add_bos and bos,
+                                  special)
             if n >= 0:
                 return list(buf[:n])
             cap = -n

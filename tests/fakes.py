@@ -45,7 +45,7 @@ class FakeDriver:
         self.aborting = False
         self.step_delay = 0.0  # seconds a step takes per piece
 
-    def tokenize(self, text: str, bos: bool = True) -> list[int]:
+    def tokenize(self, text: str, bos: bool = True, *, special: bool = False) -> list[int]:
         return [ord(c) for c in text]
 
     def piece(self, token: int) -> bytes:
