@@ -31,6 +31,7 @@ class TaskConfig:
     seed: int = -1  # -1: a random seed is drawn at submission and shown here
     stop: list[str] = field(default_factory=list)
     priority: int = 100
+    chat: bool = False  # the prompt goes through the model's chat template
 
     def copy(self) -> TaskConfig:
         return dataclasses.replace(self, stop=list(self.stop))
@@ -54,6 +55,7 @@ class TaskConfig:
         ]
         lines += [f"stop {escape(s)}" for s in self.stop] or ["stop"]
         lines.append(f"priority {self.priority}")
+        lines.append(f"chat {'on' if self.chat else 'off'}")
         return "\n".join(lines) + "\n"
 
     def updated(self, text: str, models: set[str]) -> TaskConfig:
@@ -106,6 +108,12 @@ def _number(kind: type[T], lo: T, hi: T) -> Callable[[str, str], T]:
     return parse
 
 
+def _switch(value: str, where: str) -> bool:
+    if value not in ("on", "off"):
+        raise BadInput(f"{where}: {value!r} is not on or off")
+    return value == "on"
+
+
 _PARSERS: dict[str, Callable[[str, str], object]] = {
     "max_tokens": _number(int, 1, 1_000_000),
     "temperature": _number(float, 0.0, 100.0),
@@ -113,6 +121,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "top_p": _number(float, 0.0, 1.0),
     "seed": _number(int, -1, 2**32 - 1),
     "priority": _number(int, 1, 10_000),
+    "chat": _switch,
 }
 KEYS = ("model", *_PARSERS, "stop")
 

@@ -37,3 +37,7 @@ class QuotaExceeded(AxfsError):
 
 class ParameterTooLarge(AxfsError):
     """A parameter is over the user's limit for it, e.g. max_tokens (E2BIG)."""
+
+
+class Unavailable(AxfsError):
+    """The model cannot be loaded or reached now (EIO); the message says why."""

@@ -53,6 +53,7 @@ def task_record(task: Task, model_sha: str) -> dict[str, Any]:
         "config": dataclasses.asdict(task.config), "prompt": task.prompt,
         "tokens": task.prompt_tokens, "parent": task.parent, "follow_up": task.follow_up,
         "model_sha": model_sha, **{k: getattr(task, k) for k in TIMES},
+        **({"model_prompt": task.model_prompt} if task.model_prompt else {}),
     }
 
 
@@ -93,6 +94,7 @@ def make_task(entry: Entry) -> Task:
     task.prompt_tokens = list(r["tokens"])
     task.parent = r.get("parent", "")
     task.follow_up = list(r.get("follow_up", []))
+    task.model_prompt = r.get("model_prompt", "")
     task.model_sha = r.get("model_sha", "")
     for k in TIMES:
         setattr(task, k, r.get(k, 0.0))

@@ -9,66 +9,102 @@ task).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
+import os
 import re
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import trio
 
 from axfs.config import TaskConfig
 from axfs.engine import Engine
-from axfs.errors import AxfsError, BadInput, Busy, Exists, NoSpace, NotFound
+from axfs.errors import AxfsError, BadInput, Busy, Exists, NoSpace, NotFound, Unavailable
 from axfs.kv import KVManager
+from axfs.models import ModelCopy, ModelEntry, Registry, check_name, check_url, name_for_file
 from axfs.persist import Keeper
-from axfs.policy import make_policy
 from axfs.quota import Limits, Quota
+from axfs.remote import RemoteRuntime
 from axfs.replay import Replays
+from axfs.runtime import LocalOptions, LocalRuntime, Runtime
 from axfs.scheduler import Scheduler
 from axfs.swap import SwapSpace
 from axfs.task import State, Task
 from axfs.trace import Trace
-from drivers.base import Driver
+from drivers import chat
+from drivers.base import Driver, DriverError
+from drivers.gguf import read_info
+
+Loader = Callable[[ModelEntry], Driver]  # loads a local model (in a worker thread)
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_BYTES = Limits().prompt_bytes  # everyone's default limit
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RESERVED_NAMES = frozenset({"new", "latest"})
+COPY_TRACE_BYTES = 64 << 20  # a model copy's progress is traced this often
 
 
 class Kernel:
-    def __init__(self, driver: Driver, trace: Trace | None = None, policy: str = "fair",
+    """The tasks and the models behind the tree.
+
+    ``driver`` is the default model, loaded; others are loaded on demand by ``loader``
+    (a local GGUF) or reached through their endpoints (remote), each in a runtime of its
+    own (axfs.runtime), and unloaded after ``idle_unload_s`` without work (0: never).
+    """
+
+    def __init__(self, driver: Driver | None, trace: Trace | None = None, policy: str = "fair",
                  prefix_cache: bool = True, swap: SwapSpace | None = None,
                  keeper: Keeper | None = None, cache_limit: int | None = None,
-                 quota: Quota | None = None) -> None:
-        self.driver = driver
-        self.model = driver.info
+                 quota: Quota | None = None, registry: Registry | None = None,
+                 loader: Loader | None = None, sha_of: Callable[[str], str] | None = None,
+                 idle_unload_s: float = 0.0, copy_dir: Path | None = None) -> None:
         self.trace = trace or Trace()
-        shape = driver.shape
-        self.kv = KVManager(shape.n_ctx, shape.n_seq_max, shape.cell_bytes,
-                            seq_limit=min(shape.n_ctx, self.model.context_length or shape.n_ctx),
-                            prefix_cache=prefix_cache, cache_limit=cache_limit)
-        self.scheduler = Scheduler(self.kv, shape.n_batch, make_policy(policy))
-        self.engine = Engine(driver, self.scheduler, self.trace, swap)
-        self.engine.swap.on_error = lambda task_id, why: self.trace.emit("error", task_id, reason=why)
-        self.engine.on_end = self._ended
-        self.defaults = TaskConfig(model=self.model.name)
+        self.keeper = keeper
+        self.registry = registry or Registry()
+        self.loader = loader
+        self.sha_of = sha_of or (lambda path: "")
+        self.idle_unload_s = idle_unload_s
+        self.copy_dir = copy_dir  # where `cp FILE models/` puts its copies
+        self.options = LocalOptions(policy, prefix_cache, cache_limit,
+                                    swap.mem_limit if swap else 512 << 20)
+        self._swap_dir = swap.directory if swap else None
+        self.runtimes: dict[str, Runtime] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._loading: dict[str, trio.Event] = {}
+        self._load_errors: dict[str, str] = {}
+        self._deferred: dict[str, list[Callable[[Runtime], None]]] = {}  # until it loads
+        self._nursery: trio.Nursery | None = None
+        if driver is not None:
+            name = driver.info.name
+            if name not in self.registry.entries:
+                self.registry.add(ModelEntry(name, path=driver.info.path))
+            self.registry.default = name
+            sha = keeper.model_sha if keeper else ""
+            self._attach(LocalRuntime(name, driver, self.trace, self.options, swap, sha))
+            self.trace.emit("model_load", model=name, path=driver.info.path, sha256=sha or "-")
+        self.defaults = TaskConfig(model=self.registry.default)
         self.quota = quota or Quota()
-        self.quota.usage = lambda uid: int(self.scheduler.policy.users().get(uid, (0.0, 0.0))[1])
+        self.quota.usage = self._usage
         self.tasks: dict[str, Task] = {}
         self._forks: dict[str, list[Task]] = {}  # parent id -> forks waiting for it to end
         self._latest: dict[int, str] = {}
         self._next_id = 1
-        self.keeper = keeper
         self.replays = Replays(self)
-        self.trace.emit("model_load", model=self.model.name, path=self.model.path,
-                        sha256=keeper.model_sha if keeper else "-")
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             if self.keeper is not None:
                 nursery.start_soon(self.keeper.run, self)
-            await self.engine.run()
+            for name, runtime in list(self.runtimes.items()):
+                self._start(name, runtime)
+            for name in list(self._deferred):
+                nursery.start_soon(self._load_deferred, name)
+            if self.idle_unload_s > 0:
+                nursery.start_soon(self._unload_idle)
 
     def restore(self) -> None:
         """Bring back the journaled tasks (see axfs.persist)."""
@@ -78,6 +114,38 @@ class Kernel:
     def close(self) -> None:
         if self.keeper is not None:
             self.keeper.close()
+        for runtime in self.runtimes.values():
+            runtime.close()
+        self.runtimes.clear()
+
+    # -- the default model's runtime (the views of memory and scheduling show it) -----
+
+    def local(self, name: str | None = None) -> LocalRuntime | None:
+        runtime = self.runtimes.get(name or self.registry.default)
+        return runtime if isinstance(runtime, LocalRuntime) else None
+
+    def _default_local(self) -> LocalRuntime:
+        runtime = self.local() or next((r for r in self.runtimes.values()
+                                        if isinstance(r, LocalRuntime)), None)
+        if runtime is None:
+            raise Unavailable("no local model is loaded")
+        return runtime
+
+    @property
+    def driver(self) -> Driver:
+        return self._default_local().driver
+
+    @property
+    def engine(self) -> Engine:
+        return self._default_local().engine
+
+    @property
+    def kv(self) -> KVManager:
+        return self._default_local().kv
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._default_local().scheduler
 
     @property
     def model_sha(self) -> str:
@@ -85,7 +153,263 @@ class Kernel:
 
     @property
     def models(self) -> set[str]:
-        return {self.model.name}
+        return set(self.registry.entries)
+
+    def _usage(self, uid: int) -> int:
+        return int(sum(r.scheduler.policy.users().get(uid, (0.0, 0.0))[1]
+                       for r in self.runtimes.values() if isinstance(r, LocalRuntime)))
+
+    # -- loading and unloading models ---------------------------------------------------
+
+    def _attach(self, runtime: Runtime) -> None:
+        runtime.on_end = self._ended
+        self.runtimes[runtime.name] = runtime
+
+    def _start(self, name: str, runtime: Runtime) -> None:
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._scopes[name] = scope
+        self._nursery.start_soon(self._serve, runtime, scope)
+
+    async def _serve(self, runtime: Runtime, scope: trio.CancelScope) -> None:
+        with scope:
+            await runtime.run()
+        runtime.close()  # unloaded: its loop has stopped, so nothing uses it now
+
+    async def runtime(self, name: str) -> Runtime:
+        """The runtime of model ``name``, loading it first if it is not loaded."""
+        runtime = self.runtimes.get(name)
+        if runtime is not None:
+            return runtime
+        entry = self.registry.entries.get(name)
+        if entry is None:
+            raise NotFound(f"no model named {name!r}")
+        loading = self._loading.get(name)
+        if loading is None:
+            loading = self._loading[name] = trio.Event()
+            try:
+                return await self._load(entry)
+            finally:
+                loading.set()
+                del self._loading[name]
+        await loading.wait()
+        runtime = self.runtimes.get(name)
+        if runtime is None:
+            raise Unavailable(self._load_errors.get(name, f"model {name} did not load"))
+        return runtime
+
+    async def _load(self, entry: ModelEntry) -> Runtime:
+        if self._nursery is None:
+            raise Unavailable(f"model {entry.name} is not loaded and the kernel is not running")
+        if not entry.configured:
+            raise BadInput(f"model {entry.name} has no file or endpoints yet (write "
+                           f"'endpoints URL...' to models/{entry.name}/ctl)")
+        started = time.monotonic()
+        self.trace.emit("model_loading", model=entry.name)
+        runtime: Runtime
+        try:
+            if entry.remote:
+                runtime = RemoteRuntime(entry.name, entry.endpoints, self.trace)
+            else:
+                if self.loader is None:
+                    raise Unavailable("this kernel cannot load models")
+                driver = await trio.to_thread.run_sync(self.loader, entry)
+                sha = await trio.to_thread.run_sync(self.sha_of, entry.path)
+                swap = SwapSpace(self.options.swap_mem, self._swap_dir)
+                runtime = LocalRuntime(entry.name, driver, self.trace, self.options, swap, sha)
+        except (DriverError, OSError, ValueError, AxfsError) as e:
+            why = f"model {entry.name} cannot be loaded: {e}"
+            self._load_errors[entry.name] = why
+            self.trace.emit("error", model=entry.name, reason=why)
+            raise Unavailable(why) from e
+        self._load_errors.pop(entry.name, None)
+        self._attach(runtime)
+        self._start(entry.name, runtime)
+        self.trace.emit("model_load", model=entry.name, path=entry.path or ",".join(entry.endpoints),
+                        sha256=runtime.sha or "-", seconds=round(time.monotonic() - started, 3))
+        for action in self._deferred.pop(entry.name, []):
+            action(runtime)
+        return runtime
+
+    async def _load_deferred(self, name: str) -> None:
+        try:
+            await self.runtime(name)
+        except AxfsError as e:
+            for task in [t for t in self.tasks.values()
+                         if t.config.model == name and not t.finished and t.state is not State.DRAFT]:
+                self.finish(task, State.FAILED, "error", str(e))
+            self._deferred.pop(name, None)
+
+    def when_loaded(self, name: str, action: Callable[[Runtime], None]) -> None:
+        """Do ``action`` with model ``name``'s runtime: now if it is loaded, else once it
+        has loaded (restored tasks of a model not loaded yet)."""
+        runtime = self.runtimes.get(name)
+        if runtime is not None:
+            action(runtime)
+            return
+        self._deferred.setdefault(name, []).append(action)
+        if self._nursery is not None and name not in self._loading:
+            self._nursery.start_soon(self._load_deferred, name)
+
+    def unload(self, name: str, reason: str = "ctl") -> None:
+        runtime = self.runtimes.get(name)
+        if runtime is None:
+            return
+        if runtime.active():
+            raise Busy(f"model {name} is running {runtime.active()} tasks")
+        del self.runtimes[name]
+        scope = self._scopes.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+        else:
+            runtime.close()
+        self.trace.emit("model_unload", model=name, reason=reason)
+
+    async def _unload_idle(self) -> None:
+        while True:
+            await trio.sleep(min(5.0, self.idle_unload_s))
+            now = time.monotonic()
+            for name, runtime in list(self.runtimes.items()):
+                if name == self.registry.default:
+                    continue  # tasks/new uses it: it stays loaded
+                if not runtime.active() and now - runtime.last_used >= self.idle_unload_s:
+                    self.unload(name, reason="idle")
+
+    def in_use(self, name: str) -> int:
+        """Tasks submitted to model ``name`` that have not ended."""
+        return sum(1 for t in self.tasks.values()
+                   if t.config.model == name and not t.finished and t.state is not State.DRAFT)
+
+    # -- registering models (models/) -------------------------------------------------
+
+    @contextlib.contextmanager
+    def _refused(self, name: str) -> Iterator[None]:
+        """Record why a change to models/ was refused (the trace) and let it through."""
+        try:
+            yield
+        except AxfsError as e:
+            self.trace.emit("reject", model=name, reason=str(e))
+            raise
+
+    def register(self, name: str, path: str, copied: bool = False) -> ModelEntry:
+        """``ln -s FILE models/NAME``, or the end of ``cp FILE models/``."""
+        with self._refused(name):
+            check_name(name)
+            if name in self.registry.entries:
+                raise Exists(f"model {name} exists")
+            if not os.path.isabs(path):
+                raise BadInput(f"{path}: the link must be an absolute path")
+            try:
+                info = read_info(Path(path))
+            except (OSError, ValueError) as e:
+                raise BadInput(f"{path}: not a model file ({e})") from e
+            entry = self.registry.add(ModelEntry(name, path=path, copied=copied))
+            self.trace.emit("model_add", model=name, path=path, parameters=info.parameters,
+                            copied="yes" if copied else "no")
+            self.defaults.model = self.registry.default
+            return entry
+
+    def begin_copy(self, filename: str) -> ModelCopy:
+        """``cp FILE models/``: the copy is written into the state directory."""
+        with self._refused(filename):
+            if self.copy_dir is None:
+                raise BadInput("this mount keeps no model copies (no state directory)")
+            name = check_name(name_for_file(filename))
+            if name in self.registry.entries:
+                raise Exists(f"model {name} exists")
+            copy = ModelCopy(filename, self.copy_dir)
+            self.trace.emit("model_copy", model=name, to=str(copy.final))
+            return copy
+
+    def copy_wrote(self, copy: ModelCopy, before: int) -> None:
+        """Trace a copy's progress every COPY_TRACE_BYTES."""
+        if copy.size // COPY_TRACE_BYTES > before // COPY_TRACE_BYTES:
+            self.trace.emit("model_copy", model=copy.name, bytes=copy.size)
+
+    def register_copy(self, copy: ModelCopy) -> ModelEntry:
+        """A finished copy (``ModelCopy.finish``): registered if it is a model file."""
+        try:
+            return self.register(copy.name, str(copy.final), copied=True)
+        except AxfsError as e:
+            copy.abort()
+            why = f"copy of model {copy.name} refused: {e}"
+            self.trace.emit("error", model=copy.name, reason=why)
+            raise BadInput(why) from e
+
+    def add_remote(self, name: str) -> ModelEntry:
+        """``mkdir models/NAME``: a model whose endpoints are written to its ctl next."""
+        with self._refused(name):
+            check_name(name)
+            if name in self.registry.entries:
+                raise Exists(f"model {name} exists")
+            entry = self.registry.add(ModelEntry(name))
+            self.trace.emit("model_add", model=name, remote="yes")
+            return entry
+
+    def unregister(self, name: str) -> None:
+        """``rm -r models/NAME``: refused while tasks use it."""
+        with self._refused(name):
+            if name not in self.registry.entries:
+                raise NotFound(f"no model named {name!r}")
+            busy = self.in_use(name)
+            if busy:
+                raise Busy(f"model {name} has {busy} unfinished tasks")
+            self.unload(name, reason="rm")
+            self.registry.remove(name)
+            self.defaults.model = self.registry.default
+            self.trace.emit("model_remove", model=name)
+
+    def model_control(self, name: str, text: str) -> None:
+        """One command written to models/NAME/ctl."""
+        with self._refused(name):
+            entry = self.registry.entries.get(name)
+            if entry is None:
+                raise NotFound(f"no model named {name!r}")
+            words = text.split()
+            verb, args = (words[0], words[1:]) if words else ("", [])
+            if verb == "load" and not args:
+                if self._nursery is None:
+                    raise Unavailable("the kernel is not running")
+                if not entry.configured:
+                    raise BadInput(f"model {name} has no file or endpoints yet")
+                self._nursery.start_soon(self._load_quietly, name)
+            elif verb == "unload" and not args:
+                self.unload(name)
+            elif verb == "default" and not args:
+                self.registry.default = name
+                self.registry.save()
+                self.defaults.model = name
+                self.trace.emit("model_default", model=name)
+            elif verb == "endpoints" and args:
+                if entry.path:
+                    raise BadInput(f"model {name} is a local file; endpoints are for remote models")
+                for url in args:
+                    check_url(url)
+                if self.in_use(name):
+                    raise Busy(f"model {name} has unfinished tasks")
+                self.unload(name, reason="endpoints")
+                entry.endpoints = list(args)
+                self.registry.save()
+                self.trace.emit("model_endpoints", model=name, endpoints=",".join(args))
+            elif verb == "gpu_layers" and len(args) == 1 and (args[0] == "auto" or args[0].isdigit()):
+                entry.gpu_layers = None if args[0] == "auto" else int(args[0])
+                self.registry.save()
+            elif verb == "template" and len(args) <= 1:
+                if args and args[0] not in chat.builtin_names():
+                    raise BadInput(f"template: unknown name {args[0]!r} (known: "
+                                   f"{', '.join(chat.builtin_names())})")
+                entry.template = args[0] if args else ""
+                self.registry.save()
+            else:
+                raise BadInput(f"models/{name}/ctl: cannot parse {text.strip()[:60]!r} (commands: load, "
+                               "unload, default, endpoints URL..., gpu_layers N|auto, template [NAME])")
+
+    async def _load_quietly(self, name: str) -> None:
+        with contextlib.suppress(AxfsError):  # the reason is in the trace and in info
+            await self.runtime(name)
+
+    def load_error(self, name: str) -> str:
+        return self._load_errors.get(name, "")
 
     # -- looking up ------------------------------------------------------------------
 
@@ -165,24 +489,27 @@ class Kernel:
     async def fork(self, parent: Task, uid: int, gid: int, data: bytes) -> Task:
         """``echo TEXT > tasks/ID/fork``: a new task continuing ``parent``'s text with TEXT.
 
-        Its context is the parent's prompt, what the parent generated and TEXT; it shares
-        the parent's KV (the prefix cache finds it) and its parameters. A fork of a task
-        that has not ended waits for it.
+        Its context is the parent's prompt, what the parent generated and TEXT (with chat
+        on, TEXT as the next user turn); it shares the parent's KV (the prefix cache
+        finds it) and its parameters. A fork of a task that has not ended waits for it.
         """
         self.check_forkable(parent, uid)
         text = self._prompt_text(uid, parent, data)
         self.check_quota(uid, parent, parent.config)
-        tokens = await trio.to_thread.run_sync(lambda: self.driver.tokenize(text, bos=False))
+        try:
+            runtime = await self.runtime(parent.config.model)
+        except AxfsError as e:
+            raise self.reject(uid, parent, e) from e
         task = self.create(uid, gid)
         task.config = parent.config.copy()
         task.parent = parent.id
-        task.follow_up = tokens
         task.prompt = text
         self._latest[uid] = task.id
         if parent.finished:
-            self._start_fork(task, parent)
+            self._start_fork(task, parent, runtime)
         else:
             task.submit(text, [])
+            task.model_sha = runtime.sha
             self._forks.setdefault(parent.id, []).append(task)
             self.trace.emit("fork", task.id, uid, parent=parent.id, waiting="yes")
             if self.keeper is not None:
@@ -201,47 +528,108 @@ class Kernel:
             raise self.reject(uid, parent, Busy(
                 f"task {parent.id} has no prompt yet: there is nothing to fork"))
 
-    def _start_fork(self, task: Task, parent: Task) -> None:
+    def _start_fork(self, task: Task, parent: Task, runtime: Runtime) -> None:
         if parent.state is State.FAILED:
             error = f"task {parent.id}, which this one continues, failed: {parent.error}"
             self.trace.emit("error", task.id, task.uid, reason=error)
-            self.engine.end(task, State.FAILED, "error", error)
+            self.finish(task, State.FAILED, "error", error)
             return
-        task.submit(task.prompt, parent.context() + task.follow_up)
+        try:
+            added = self._follow_up(parent, task.prompt, runtime) if task.config.chat \
+                else task.prompt
+        except AxfsError as e:
+            self.trace.emit("error", task.id, task.uid, reason=str(e))
+            self.finish(task, State.FAILED, "error", str(e))
+            return
+        if runtime.seq_limit is None:  # remote: the context goes as text
+            task.model_prompt = parent.text_for_model + parent.output.decode("utf-8", "replace") \
+                + added
+            task.submit(task.prompt, [])
+        else:
+            task.follow_up = runtime.tokenize(added, bos=False, special=task.config.chat)
+            task.submit(task.prompt, parent.context() + task.follow_up)
         self.trace.emit("fork", task.id, task.uid, parent=parent.id,
                         context_tokens=len(task.prompt_tokens))
-        self._enqueue(task)
+        self._enqueue(task, runtime)
+
+    def _template(self, runtime: Runtime) -> str:
+        entry = self.registry.entries.get(runtime.name)
+        template = entry.template if entry else ""
+        if not template and isinstance(runtime, LocalRuntime):
+            template = getattr(runtime.driver, "chat_template", "")
+        if not template:
+            raise BadInput(f"model {runtime.name} has no chat template (write 'template NAME' "
+                           f"to models/{runtime.name}/ctl, or 'chat off' to config)")
+        return template
+
+    def _follow_up(self, parent: Task, text: str, runtime: Runtime) -> str:
+        """A fork's text as the next user turn of a chat (see drivers.chat)."""
+        try:
+            return chat.follow_up(self._template(runtime), parent.prompt,
+                                  parent.output.decode("utf-8", "replace"), text)
+        except chat.ChatError as e:
+            raise BadInput(f"chat template: {e}") from e
 
     def _ended(self, task: Task) -> None:
-        """The engine's word that ``task`` ended: journal it, start the forks waiting for
+        """A runtime's word that ``task`` ended: journal it, start the forks waiting for
         it, finish a replay."""
         if self.keeper is not None:
             self.keeper.ended(task)
         self.replays.ended(task)
-        for child in self._forks.pop(task.id, []):
-            if not child.finished:
-                self._start_fork(child, task)
+        children = [c for c in self._forks.pop(task.id, []) if not c.finished]
+
+        def start_children(runtime: Runtime) -> None:
+            for child in children:
+                self._start_fork(child, task, runtime)
+
+        if children:
+            self.when_loaded(task.config.model, start_children)
+
+    def finish(self, task: Task, state: State, reason: str, error: str = "") -> None:
+        """End ``task`` through its model's runtime, or here if that is not loaded."""
+        runtime = self.runtimes.get(task.config.model)
+        if runtime is not None:
+            runtime.end(task, state, reason, error)
+            return
+        was_finished = task.finished
+        task.finish(state, reason, error)
+        if not was_finished:
+            self._ended(task)
 
     async def _queue(self, task: Task, text: str) -> None:
-        tokens = await trio.to_thread.run_sync(self.driver.tokenize, text)
+        try:
+            runtime = await self.runtime(task.config.model)
+            if task.config.chat:
+                try:
+                    task.model_prompt = chat.render(self._template(runtime), [("user", text)])
+                except chat.ChatError as e:
+                    raise BadInput(f"chat template: {e}") from e
+            model_text = task.model_prompt or text
+            tokens = await trio.to_thread.run_sync(
+                lambda: runtime.tokenize(model_text, special=task.config.chat))
+        except AxfsError as e:
+            task.model_prompt = ""
+            raise self.reject(task.uid, task, e) from e
         task.submit(text, tokens)
         self._latest[task.uid] = task.id
-        self._enqueue(task)
+        self._enqueue(task, runtime)
 
-    def _enqueue(self, task: Task) -> None:
+    def _enqueue(self, task: Task, runtime: Runtime) -> None:
         tokens = task.prompt_tokens
+        task.model_sha = runtime.sha
         self.trace.emit("submit", task.id, task.uid, prompt_tokens=len(tokens),
                         max_tokens=task.config.max_tokens, model=task.config.model)
         task.mark("submit", prompt_tokens=len(tokens), max_tokens=task.config.max_tokens)
         if self.keeper is not None:
             self.keeper.submitted(task)
-        if len(tokens) >= self.kv.seq_limit:
+        limit = runtime.seq_limit
+        if limit is not None and len(tokens) >= limit:
             error = NoSpace(f"prompt is {len(tokens)} tokens; a task's context holds "
-                            f"{self.kv.seq_limit} tokens with room for at least one more")
+                            f"{limit} tokens with room for at least one more")
             self.trace.emit("error", task.id, task.uid, reason=str(error))
-            self.engine.end(task, State.FAILED, "error", str(error))
+            runtime.end(task, State.FAILED, "error", str(error))
             return
-        self.engine.add(task)
+        runtime.add(task)
 
     # -- changing tasks --------------------------------------------------------------
 
@@ -286,7 +674,7 @@ class Kernel:
         if task.finished:
             return
         self.trace.emit("kill", task.id, task.uid, state=task.state, tokens=task.num_generated)
-        self.engine.end(task, State.KILLED, "killed")
+        self.finish(task, State.KILLED, "killed")
 
     def remove(self, task: Task, reason: str = "rm") -> None:
         """``rm -r tasks/ID``: kill the task if it still runs, then forget it."""
@@ -313,30 +701,51 @@ class Kernel:
 
     def resume(self, task: Task, generated: list[int]) -> None:
         """Queue an unfinished journaled task, with the tokens it had generated: its
-        text is rebuilt from them and it runs on from there."""
+        text is rebuilt from them and it runs on from there (once its model is loaded).
+        A remote task starts again: its text was the remote engine's."""
+        self.when_loaded(task.config.model, lambda runtime: self._resume(task, generated, runtime))
+
+    def _resume(self, task: Task, generated: list[int], runtime: Runtime) -> None:
+        if task.finished:
+            return
+        if runtime.seq_limit is None:
+            generated = []
         for token in generated:
             if task.finished:
                 break
-            task.add_token(token, self.driver.piece(token), self.driver.is_eog(token),
+            task.add_token(token, runtime.piece(token), runtime.is_eog(token),
                            limit_reached=False)
         self.trace.emit("resume", task.id, task.uid, tokens=len(generated))
         if task.finished:
-            self.engine.end(task, task.state, task.finish_reason)
+            runtime.end(task, task.state, task.finish_reason)
             return
         task.state = State.QUEUED
         task.waiting_since = time.time()
         task.stepwise_until = task.num_history - 1
-        self.engine.add(task)
+        runtime.add(task)
 
     def resume_fork(self, task: Task) -> None:
         parent = self.tasks.get(task.parent)
         if parent is None:
-            self.engine.end(task, State.FAILED, "error",
-                            f"task {task.parent}, which this one continues, is gone")
+            self.finish(task, State.FAILED, "error",
+                         f"task {task.parent}, which this one continues, is gone")
         elif parent.finished:
-            self._start_fork(task, parent)
+            self.when_loaded(task.config.model, lambda runtime: self._start_fork(task, parent, runtime))
         else:
             self._forks.setdefault(parent.id, []).append(task)
+
+    def sha_for(self, task: Task) -> str:
+        """The sha256 of the file of the model ``task`` names now ("" if unknown)."""
+        runtime = self.runtimes.get(task.config.model)
+        if runtime is not None:
+            return runtime.sha
+        entry = self.registry.entries.get(task.config.model)
+        if entry is None or not entry.path:
+            return ""
+        try:
+            return self.sha_of(entry.path)
+        except OSError:
+            return ""
 
     def reject(self, uid: int, task: Task | None, error: AxfsError) -> AxfsError:
         """Record why a request was refused (trace, task error file, users/UID) and return

@@ -24,6 +24,7 @@ from axfs.task import State, Task
 
 if TYPE_CHECKING:
     from axfs.kernel import Kernel
+    from axfs.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ class Keeper:
 
     def submitted(self, task: Task) -> None:
         """Record a submission and make it durable before the write returns."""
-        task.model_sha = task.model_sha or self.model_sha
         self.journal.append(task_record(task, task.model_sha))
         self._written[task.id] = len(task.output_tokens)
         self._active[task.id] = task
@@ -139,8 +139,10 @@ class Keeper:
 
     def compact(self, kernel: Kernel) -> None:
         self._collect()
-        records = [{"t": "model", "name": kernel.model.name, "path": kernel.model.path,
-                    "sha256": self.model_sha, "at": time.time()}]
+        default = kernel.registry.entries.get(kernel.registry.default)
+        records = [{"t": "model", "name": kernel.registry.default,
+                    "path": default.path if default else "", "sha256": self.model_sha,
+                    "at": time.time()}]
         records += [snapshot(t, self.model_sha) for t in kernel.tasks.values()
                     if t.state is not State.DRAFT]
         try:
@@ -177,8 +179,13 @@ class Keeper:
             if task.parent and not task.prompt_tokens:
                 waiting.append(task)  # a fork that was waiting for its parent
                 continue
-            if task.model_sha and task.model_sha != self.model_sha:
-                self._model_changed(kernel, task)
+            if task.config.model not in kernel.models:
+                kernel.finish(task, State.FAILED, "error",
+                              f"model {task.config.model} is no longer registered")
+                continue
+            sha = kernel.sha_for(task)
+            if task.model_sha and sha and task.model_sha != sha:
+                self._model_changed(kernel, task, sha)
                 continue
             kernel.resume(task, generated)
             self._written[task.id] = len(generated)
@@ -190,18 +197,22 @@ class Keeper:
         self.compact(kernel)
         return loaded
 
-    def _model_changed(self, kernel: Kernel, task: Task) -> None:
+    def _model_changed(self, kernel: Kernel, task: Task, sha: str) -> None:
         """An unfinished task of another model file: a plain prompt starts again from its
         text; a fork, whose context is tokens of the old model, fails."""
         if task.parent:
-            kernel.engine.end(task, State.FAILED, "error",
-                              f"the model file changed since this fork was submitted "
-                              f"(sha256 {task.model_sha[:16]}..., now {self.model_sha[:16]}...)")
+            kernel.finish(task, State.FAILED, "error",
+                          f"the model file changed since this fork was submitted "
+                          f"(sha256 {task.model_sha[:16]}..., now {sha[:16]}...)")
             return
-        task.model_sha = self.model_sha
-        task.prompt_tokens = kernel.driver.tokenize(task.prompt)
-        self.journal.append(task_record(task, self.model_sha))
-        kernel.resume(task, [])
+
+        def again(runtime: Runtime) -> None:
+            task.model_sha = runtime.sha
+            task.prompt_tokens = runtime.tokenize(task.text_for_model, special=task.config.chat)
+            self.journal.append(task_record(task, task.model_sha))
+            kernel.resume(task, [])
+
+        kernel.when_loaded(task.config.model, again)
 
 
 def file_sha256(path: Path, state_dir: Path) -> str:

@@ -56,9 +56,14 @@ class Replays:
             raise Busy(f"a replay of task {task.id} is running")
         replay.runs += 1
         k = self.kernel
-        if task.model_sha and k.model_sha and task.model_sha != k.model_sha:
+        runtime = k.local(task.config.model)
+        if runtime is None:
+            replay.runs -= 1
+            raise Busy(f"model {task.config.model} is not loaded here: replay runs on a local "
+                       f"model (write load to models/{task.config.model}/ctl first)")
+        if task.model_sha and runtime.sha and task.model_sha != runtime.sha:
             replay.result = (f"mismatch model: task {task.id} ran on a model file with sha256 "
-                             f"{task.model_sha}, the mounted one has {k.model_sha}\n")
+                             f"{task.model_sha}, the mounted one has {runtime.sha}\n")
             k.trace.emit("replay", task.id, task.uid, result="mismatch", why="model")
             return
         config = task.config.copy()
@@ -71,7 +76,7 @@ class Replays:
         replay.result = "running\n"
         self._running[id(runner)] = replay
         k.trace.emit("replay", task.id, task.uid, run=replay.runs, tokens=task.num_generated)
-        k.engine.add(runner)
+        runtime.engine.add(runner)
 
     def ended(self, runner: Task) -> None:
         replay = self._running.pop(id(runner), None)
@@ -87,18 +92,21 @@ class Replays:
         if runner.error:
             return f"failed: {runner.error}\n"
         want, got = original.output_tokens, runner.output_tokens
+        m = original.config.model
         for i, (a, b) in enumerate(zip(want, got, strict=False)):
             if a != b:
-                return (f"mismatch token {i}: expected {self._piece(a)} ({a}), got "
-                        f"{self._piece(b)} ({b}){self._batched(original)}\n")
+                return (f"mismatch token {i}: expected {self._piece(a, m)} ({a}), got "
+                        f"{self._piece(b, m)} ({b}){self._batched(original)}\n")
         if len(want) != len(got):
             i = min(len(want), len(got))
             return (f"mismatch token {i}: expected {len(want)} tokens, got {len(got)}"
                     f"{self._batched(original)}\n")
         return f"match {len(want)} tokens\n"
 
-    def _piece(self, token: int) -> str:
-        return repr(self.kernel.driver.piece(token).decode("utf-8", "replace"))
+    def _piece(self, token: int, model: str) -> str:
+        runtime = self.kernel.local(model)
+        text = runtime.piece(token).decode("utf-8", "replace") if runtime else "?"
+        return repr(text)
 
     @staticmethod
     def _batched(task: Task) -> str:

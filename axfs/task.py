@@ -56,6 +56,8 @@ class Task:
         # What happened to it, for replay/ID/timeline: [ms since submission, event, details]
         self.timeline: list[tuple[float, str, dict[str, Any]]] = []
         self.follow_up: list[int] = []  # a fork's own tokens, appended to its parent's text
+        self.model_prompt = ""  # the text the model is given, where it is not the prompt:
+        # the prompt in the chat template, or a fork's whole context (see Kernel._queue)
         self.num_preempted = 0
         self.num_processed = 0  # tokens run through the model for it (prefill and decode)
         self.processed_at_start = 0  # num_processed when it was last admitted
@@ -223,6 +225,19 @@ class Task:
             self.finish(State.DONE, "context")
         else:
             self.notify()
+
+    def add_text(self, text: str) -> None:
+        """Apply a streamed piece of text from a remote engine, which applies the stop
+        strings and limits itself; each piece counts as one token (id -1)."""
+        if not self.output_tokens:
+            self.first_token_at = time.time()
+        self.output_tokens.append(-1)
+        self._publish(text)
+        self.notify()
+
+    @property
+    def text_for_model(self) -> str:
+        return self.model_prompt or self.prompt
 
     def _publish(self, text: str) -> None:
         if text:

@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="finished tasks kept (in the tree and the journal)")
     m.add_argument("--keep-days", type=float, default=7.0, metavar="DAYS",
                    help="days a finished task is kept")
+    m.add_argument("--gpu-layers", metavar="N|auto", default="auto",
+                   help="layers of the default model on the GPU (default: as many as fit)")
+    m.add_argument("--idle-unload", type=float, default=600.0, metavar="SECONDS",
+                   help="unload a model other than the default after this long idle (0: never)")
+    m.add_argument("--remote", action="append", default=[], metavar="NAME=URL[,URL...]",
+                   help="a model served by OpenAI-compatible endpoints (repeatable)")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount the tree and stop its daemon")
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         parse_limits(args.limit)
+        if args.gpu_layers != "auto" and not args.gpu_layers.isdigit():
+            raise ValueError(f"--gpu-layers {args.gpu_layers}: expected a number or auto")
     except ValueError as e:
         print(f"axfs: {e}", file=sys.stderr)
         return 2
@@ -149,7 +157,9 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
                         multi_user=args.multi_user, limits=tuple(args.limit),
                         prefix_cache=args.prefix_cache == "on", swap_mem=args.swap_mem << 20,
                         keep_tasks=args.keep_tasks, keep_days=args.keep_days,
-                        journal=args.journal == "on", cache_cells=args.cache_cells)
+                        journal=args.journal == "on", cache_cells=args.cache_cells,
+                        gpu_layers=None if args.gpu_layers == "auto" else int(args.gpu_layers),
+                        idle_unload=args.idle_unload, remote=tuple(args.remote))
     try:
         return serve(opts, ready)
     finally:
@@ -166,7 +176,8 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
             "--repack", args.repack, "--policy", args.policy, "--log-level", args.log_level,
             "--prefix-cache", args.prefix_cache, "--swap-mem", str(args.swap_mem),
             "--keep-tasks", str(args.keep_tasks), "--keep-days", str(args.keep_days),
-            "--journal", args.journal,
+            "--journal", args.journal, "--gpu-layers", args.gpu_layers,
+            "--idle-unload", str(args.idle_unload),
             *(["--cache-cells", str(args.cache_cells)] if args.cache_cells is not None else []),
             "--ready-fd", str(write_end)]
     if args.threads:
@@ -176,6 +187,7 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
     if args.multi_user:
         argv.append("--multi-user")
     argv += [f"--limit={spec}" for spec in args.limit]
+    argv += [f"--remote={spec}" for spec in args.remote]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                 pass_fds=(write_end,), start_new_session=True)

@@ -20,9 +20,11 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from axfs.errors import BadInput
 from axfs.fs.operations import Operations
 from axfs.journal import Journal
 from axfs.kernel import Kernel
+from axfs.models import ModelEntry, Registry, check_name, check_url, name_for_file
 from axfs.persist import Keeper, Retention, file_sha256
 from axfs.quota import Quota, parse_limits
 from axfs.swap import SwapSpace
@@ -58,6 +60,9 @@ class MountOptions:
     keep_days: float = 7.0  # ... and for how long
     journal: bool = True
     cache_cells: int | None = None  # cells of ended tasks' KV kept, at most (None: ctx/4)
+    gpu_layers: int | None = None  # the default model's; None: its models/NAME/ctl setting, else auto
+    idle_unload: float = 600.0  # seconds a model other than the default stays loaded idle (0: ever)
+    remote: tuple[str, ...] = ()  # --remote values, "NAME=URL[,URL...]"
 
 
 def prepare_mountpoint(mountpoint: Path) -> None:
@@ -88,10 +93,14 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
         quota = Quota(*parse_limits(list(opts.limits)))
         opts.state_dir.mkdir(parents=True, exist_ok=True)
         prepare_mountpoint(opts.mountpoint)
-        driver = LlamaCppDriver(opts.model, n_ctx=opts.n_ctx, n_seq_max=opts.slots,
-                                n_batch=opts.n_batch, n_threads=opts.threads,
-                                repack=opts.repack)
-    except (MountError, ModelLoadError) as e:
+        registry = open_registry(opts)
+        entry = default_entry(registry, opts.model)
+        if opts.gpu_layers is not None:
+            entry.gpu_layers = opts.gpu_layers
+            registry.save()
+        loader = make_loader(opts)
+        driver = loader(entry)
+    except (MountError, ModelLoadError, BadInput) as e:
         ready(f"error: {e}")
         return 1
     except (OSError, ValueError) as e:
@@ -103,7 +112,9 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
         kernel = Kernel(driver, policy=opts.policy, prefix_cache=opts.prefix_cache,
                         cache_limit=opts.cache_cells,
                         swap=SwapSpace(opts.swap_mem, opts.state_dir / "swap"), keeper=keeper,
-                        quota=quota)
+                        quota=quota, registry=registry, loader=loader,
+                        sha_of=lambda path: file_sha256(Path(path), opts.state_dir),
+                        idle_unload_s=opts.idle_unload, copy_dir=opts.state_dir / "models")
         ops = Operations(kernel, multi_user=opts.multi_user)
         options = set(pyfuse3.default_options) | {"fsname=axfs", "subtype=axfs"}
         if opts.allow_other or opts.multi_user:
@@ -123,6 +134,52 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
         driver.close()
     log.info("unmounted %s", opts.mountpoint)
     return 0
+
+
+def open_registry(opts: MountOptions) -> Registry:
+    """STATE_DIR/models.json, with the mount's --remote models written into it."""
+    registry = Registry(opts.state_dir / "models.json")
+    registry.load()
+    for spec in opts.remote:
+        name, _, urls = spec.partition("=")
+        endpoints = [check_url(u) for u in urls.split(",") if u]
+        if not endpoints:
+            raise BadInput(f"--remote {spec}: expected NAME=URL[,URL...]")
+        entry = registry.entries.get(check_name(name))
+        if entry is not None and entry.path:
+            raise BadInput(f"--remote {spec}: {name} is a local model")
+        if entry is None:
+            registry.add(ModelEntry(name, endpoints=endpoints))
+        else:
+            entry.endpoints = endpoints
+    registry.save()
+    return registry
+
+
+def default_entry(registry: Registry, model: Path) -> ModelEntry:
+    """The entry of the mount's --model, registered under its file's stem if it is new; it
+    becomes the default model."""
+    entry = registry.find_path(str(model))
+    if entry is None:
+        name, n = name_for_file(model.name), 1
+        while name in registry.entries:
+            n += 1
+            name = f"{name_for_file(model.name)}-{n}"
+        entry = registry.add(ModelEntry(check_name(name), path=str(model)))
+    registry.default = entry.name
+    registry.save()
+    return entry
+
+
+def make_loader(opts: MountOptions) -> Callable[[ModelEntry], LlamaCppDriver]:
+    """How a local model is loaded: each with the mount's context, slots and threads."""
+
+    def load(entry: ModelEntry) -> LlamaCppDriver:
+        return LlamaCppDriver(Path(entry.path), name=entry.name, n_ctx=opts.n_ctx,
+                              n_seq_max=opts.slots, n_batch=opts.n_batch, n_threads=opts.threads,
+                              repack=opts.repack, gpu_layers=entry.gpu_layers)
+
+    return load
 
 
 async def _main(kernel: Kernel, ready: Callable[[str], None]) -> None:

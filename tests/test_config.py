@@ -14,7 +14,7 @@ def test_defaults_render_every_key() -> None:
     text = TaskConfig(model="m").render()
     keys = [line.split(" ", 1)[0] for line in text.splitlines()]
     assert keys == ["model", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop",
-                    "priority"]
+                    "priority", "chat"]
 
 
 def test_update_sets_named_keys_only() -> None:

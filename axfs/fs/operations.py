@@ -33,9 +33,11 @@ from axfs.errors import (
     ParameterTooLarge,
     QuotaExceeded,
     TooLarge,
+    Unavailable,
 )
 from axfs.fs import views
 from axfs.kernel import Kernel
+from axfs.models import ModelCopy
 from axfs.task import State, Task
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ ERRNO: dict[type[AxfsError], int] = {
     NoSpace: errno.ENOSPC,
     QuotaExceeded: errno.EDQUOT,
     ParameterTooLarge: errno.E2BIG,
+    Unavailable: errno.EIO,
 }
 TASK_FILES = ("prompt", "stream", "status", "config", "ctl", "fork", "error")
 WRITABLE = frozenset({"prompt", "config", "ctl", "fork"})
@@ -97,6 +100,7 @@ REPLAY = Node("replay")
 USERS = Node("users")
 ROOT_DIRS = {"models": MODELS, "tasks": TASKS, "replay": REPLAY, "users": USERS}
 REPLAY_FILES = ("timeline", "ctl", "result")
+MODEL_FILES = ("info", "ctl")
 
 
 @dataclass(slots=True)
@@ -111,6 +115,7 @@ class Handle:
     submitted: Task | None = None  # what a write to tasks/new created
     skew: int = 0  # trace: absolute offset minus file offset (lines dropped meanwhile)
     replied: int = 0  # tasks/new: bytes of the id already read (the write moved the offset)
+    copy: ModelCopy | None = None  # cp FILE models/: the copy being written
     utf8: codecs.IncrementalDecoder = field(  # checks the prompt's text as it is written
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")())
 
@@ -140,6 +145,7 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
         self._dir_uid: dict[int, int] = {}
         self._next_fh = 1
+        self._copies: dict[str, ModelCopy] = {}  # models/FILENAME being copied in
         self.started = time.time_ns()
 
     # -- inodes and nodes ----------------------------------------------------------
@@ -161,8 +167,12 @@ class Operations(pyfuse3.Operations):
     def _exists(self, node: Node) -> bool:
         if node.kind in ("task", "task_file", "parent", "replay_task", "replay_file"):
             return node.name in self.kernel.tasks
-        if node.kind in ("model", "model_info"):
+        if node.kind in ("model", "model_file"):
             return node.name in self.kernel.models
+        if node.kind == "model_link":
+            return bool(self._model_path(node.name))
+        if node.kind == "model_copy":
+            return node.name in self._copies
         if node.kind == "user":
             return node.name.isdigit() and int(node.name) in self.kernel.quota.users()
         return True
@@ -181,7 +191,8 @@ class Operations(pyfuse3.Operations):
             else:
                 node = Node("task", name) if name in self.kernel.tasks else None
         elif parent is MODELS:
-            node = Node("model", name) if name in self.kernel.models else None
+            node = Node("model", name) if name in self.kernel.models else (
+                Node("model_copy", name) if name in self._copies else None)
         elif parent is USERS:
             node = Node("user", name) if self._exists(Node("user", name)) else None
         elif parent is REPLAY:
@@ -194,7 +205,10 @@ class Operations(pyfuse3.Operations):
             else:
                 node = Node("task_file", parent.name, name) if name in TASK_FILES else None
         elif parent.kind == "model":
-            node = Node("model_info", parent.name) if name == "info" else None
+            if name == "file":
+                node = Node("model_link", parent.name) if self._model_path(parent.name) else None
+            else:
+                node = Node("model_file", parent.name, name) if name in MODEL_FILES else None
         else:
             raise _fail(errno.ENOTDIR)
         if node is None:
@@ -205,7 +219,8 @@ class Operations(pyfuse3.Operations):
         if node is ROOT:
             return [(n, c) for n, c in {**ROOT_FILES, **ROOT_DIRS}.items()]
         if node is MODELS:
-            return [(m, Node("model", m)) for m in sorted(self.kernel.models)]
+            return [(m, Node("model", m)) for m in sorted(self.kernel.models)] + [
+                (f, Node("model_copy", f)) for f in sorted(self._copies)]
         if node is USERS:
             return [(str(u), Node("user", str(u))) for u in self.kernel.quota.users()]
         if node is REPLAY:
@@ -223,8 +238,15 @@ class Operations(pyfuse3.Operations):
                 files.append(("parent", Node("parent", node.name)))
             return files
         if node.kind == "model":
-            return [("info", Node("model_info", node.name))]
+            files = [(f, Node("model_file", node.name, f)) for f in MODEL_FILES]
+            if self._model_path(node.name):
+                files.append(("file", Node("model_link", node.name)))
+            return files
         raise _fail(errno.ENOTDIR)
+
+    def _model_path(self, name: str) -> str:
+        entry = self.kernel.registry.entries.get(name)
+        return entry.path if entry else ""
 
     def _task_ids(self) -> list[str]:
         return sorted(self.kernel.tasks, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))
@@ -250,6 +272,12 @@ class Operations(pyfuse3.Operations):
         elif node.kind == "parent":
             mode, size = stat.S_IFLNK | 0o777, len(self._parent_link(node))
             a.st_nlink = 1
+        elif node.kind == "model_link":
+            mode, size = stat.S_IFLNK | 0o777, len(self._model_path(node.name))
+            a.st_nlink = 1
+        elif node.kind == "model_copy":
+            mode, size = stat.S_IFREG | 0o644, self._copies[node.name].size
+            a.st_nlink = 1
         else:
             mode, size = stat.S_IFREG | self._file_mode(node), self._size(node, uid)
             a.st_nlink = 1
@@ -273,7 +301,7 @@ class Operations(pyfuse3.Operations):
     def _file_mode(self, node: Node) -> int:
         if node.kind == "new":
             return 0o666
-        if node.kind == "replay_file":
+        if node.kind in ("replay_file", "model_file"):
             return 0o644 if node.file == "ctl" else 0o444
         if node.kind == "task_file" and node.file in WRITABLE:
             if node.file == "prompt" and self._task(node).state is not State.DRAFT:
@@ -297,9 +325,8 @@ class Operations(pyfuse3.Operations):
             return devices.render().encode()
         if kind == "new":
             return b""
-        if kind == "model_info":
-            info = self.kernel.model
-            return views.model_info(info, loaded=True, default=True).encode()
+        if kind == "model_file":
+            return views.model_info(self.kernel, node.name).encode() if node.file == "info" else b""
         task = self._task(node)
         f = node.file
         if kind == "replay_file":
@@ -311,7 +338,8 @@ class Operations(pyfuse3.Operations):
         if f == "prompt":
             return task.prompt.encode()
         if f == "status":
-            return views.status(task, self.kernel.kv.cell_bytes).encode()
+            runtime = self.kernel.local(task.config.model)
+            return views.status(task, runtime.kv.cell_bytes if runtime else 0).encode()
         if f == "config":
             return task.config.render().encode()
         if f == "ctl":
@@ -348,8 +376,10 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
+        if node.kind == "model_copy":
+            return self._attrs(node, ctx.uid)  # cp's chmod or utimes of its copy: nothing to do
         writable = node.kind == "new" or (node.kind == "task_file" and node.file in WRITABLE) or (
-            node.kind == "replay_file" and node.file == "ctl")
+            node.kind in ("replay_file", "model_file") and node.file == "ctl")
         only_truncate = fields.update_size and attr.st_size == 0 and not (
             fields.update_mode or fields.update_uid or fields.update_gid)
         # `echo x > file` may truncate first; truncating a control file to 0 is harmless.
@@ -366,6 +396,8 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.kind == "parent":
             return self._parent_link(node).encode()
+        if node.kind == "model_link":
+            return os.fsencode(self._model_path(node.name))
         if node.kind != "latest":
             raise _fail(errno.EINVAL)
         latest = self.kernel.latest(ctx.uid)
@@ -402,7 +434,11 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
                     ) -> pyfuse3.EntryAttributes:
-        if self._node(parent_inode) is not TASKS:
+        parent = self._node(parent_inode)
+        if parent is MODELS:
+            entry = self.kernel.add_remote(os.fsdecode(name))
+            return self._attrs(Node("model", entry.name), ctx.uid)
+        if parent is not TASKS:
             raise _fail(errno.EPERM)
         task = self.kernel.create(ctx.uid, ctx.gid, os.fsdecode(name))
         return self._attrs(Node("task", task.id), ctx.uid)
@@ -411,6 +447,9 @@ class Operations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         node = self._child(parent, os.fsdecode(name), ctx.uid)
+        if node.kind == "model":
+            self.kernel.unregister(node.name)
+            return
         if node.kind != "task":
             raise _fail(errno.EPERM)
         self.kernel.remove(self._task(node))
@@ -419,15 +458,31 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         node = self._child(parent, os.fsdecode(name), ctx.uid)
-        # A task's files go with the task: unlinking one succeeds and changes nothing, so
-        # that `rm -r tasks/ID` reaches the rmdir that removes the task.
-        if node.kind not in ("task_file", "parent"):
+        # A task's (or model's) files go with it: unlinking one succeeds and changes
+        # nothing, so that `rm -r tasks/ID` reaches the rmdir that removes the task.
+        if node.kind == "model_copy":
+            self._copies.pop(node.name).abort()
+            return
+        if node.kind not in ("task_file", "parent", "model_file", "model_link"):
             raise _fail(errno.EPERM)
 
     @_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        raise _fail(errno.EACCES)
+        """``cp FILE models/``: a model file copied into the state directory."""
+        if self._node(parent_inode) is not MODELS:
+            raise _fail(errno.EACCES)
+        filename = os.fsdecode(name)
+        if filename in self._copies:
+            raise _fail(errno.EEXIST)
+        copy = await trio.to_thread.run_sync(self.kernel.begin_copy, filename)
+        self._copies[filename] = copy
+        node = Node("model_copy", filename)
+        fh = self._new_fh()
+        self._handles[fh] = Handle(node, None, ctx.pid, ctx.uid, ctx.gid, copy=copy)
+        info = pyfuse3.FileInfo(fh=fh)
+        info.direct_io = True
+        return info, self._attrs(node, ctx.uid)
 
     async def rename(self, *args: Any) -> None:
         raise _fail(errno.EPERM)
@@ -435,8 +490,15 @@ class Operations(pyfuse3.Operations):
     async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
         raise _fail(errno.EPERM)
 
-    async def symlink(self, *args: Any) -> pyfuse3.EntryAttributes:
-        raise _fail(errno.EPERM)
+    @_boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """``ln -s FILE models/NAME``: register a model file where it is. The reply is the
+        link (as the kernel expects); looked up again, models/NAME is the model's directory."""
+        if self._node(parent_inode) is not MODELS:
+            raise _fail(errno.EPERM)
+        entry = self.kernel.register(os.fsdecode(name), os.fsdecode(target))
+        return self._attrs(Node("model_link", entry.name), ctx.uid)
 
     async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
         raise _fail(errno.EPERM)
@@ -444,7 +506,12 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
-        kv = self.kernel.kv.stats()
+        runtime = self.kernel.local()
+        if runtime is None:
+            s.f_bsize = s.f_frsize = 4096
+            s.f_namemax = 64
+            return s
+        kv = runtime.kv.stats()
         s.f_bsize = s.f_frsize = max(1, kv.cell_bytes)
         s.f_blocks = kv.capacity_cells
         s.f_bfree = s.f_bavail = kv.free_cells + kv.cached_cells
@@ -463,7 +530,7 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        if node.kind not in ("readme", "memory", "sched", "trace", "devices", "new", "model_info",
+        if node.kind not in ("readme", "memory", "sched", "trace", "devices", "new", "model_file",
                              "task_file", "replay_file", "user"):
             raise _fail(errno.EISDIR)
         task = self._task(node) if node.kind in ("task_file", "replay_file") else None
@@ -533,6 +600,17 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handle(fh)
         node = h.node
+        if h.copy is not None:
+            before = h.copy.size
+            try:
+                await trio.to_thread.run_sync(h.copy.write, off, buf)
+            except OSError as e:
+                raise _fail(e.errno or errno.EIO) from e
+            self.kernel.copy_wrote(h.copy, before)
+            return len(buf)
+        if node.kind == "model_file" and node.file == "ctl":
+            self.kernel.model_control(node.name, self._text(h, buf))
+            return len(buf)
         if node.kind == "new" or node.file in ("prompt", "fork"):
             if h.submitted is not None or (node.file == "prompt" and h.task
                                            and h.task.state is not State.DRAFT):
@@ -584,13 +662,31 @@ class Operations(pyfuse3.Operations):
             await self.kernel.submit(h.task, data)
             h.submitted = h.task
 
+    async def _finish_copy(self, h: Handle) -> None:
+        """The end of ``cp FILE models/``: the copy is checked and registered (its close
+        fails with EINVAL, the reason in the trace, when it is not a model)."""
+        copy = h.copy
+        if copy is None or copy.done:
+            return
+        self._copies.pop(copy.filename, None)
+        try:
+            await trio.to_thread.run_sync(copy.finish)
+        except OSError as e:
+            copy.abort()
+            raise _fail(e.errno or errno.EIO) from e
+        self.kernel.register_copy(copy)
+
     @_boundary
     async def flush(self, fh: int) -> None:
-        await self._submit_pending(self._handle(fh))
+        h = self._handle(fh)
+        await self._finish_copy(h)
+        await self._submit_pending(h)
 
     @_boundary
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
         if h is not None:
+            with contextlib.suppress(AxfsError, OSError):
+                await self._finish_copy(h)
             with contextlib.suppress(AxfsError):  # refused and recorded; release cannot say so
                 await self._submit_pending(h)

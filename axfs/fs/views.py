@@ -7,11 +7,14 @@ together with README.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from axfs.kernel import Kernel
+from axfs.remote import RemoteRuntime
+from axfs.runtime import LocalRuntime
 from axfs.swap import SwapSpace
 from axfs.task import Task
-from drivers.base import ModelInfo
+from drivers.gguf import read_info
 
 MIB = 1 << 20
 
@@ -99,25 +102,39 @@ def status(task: Task, cell_bytes: int) -> str:
 
 
 def memory(kernel: Kernel) -> str:
-    """The KV cache in /proc/meminfo style. Used = Running + Cached; Free is what a new
-    task can have at once (less the room running tasks have reserved for their output);
-    cached sequences are evicted when that is not enough."""
-    kv = kernel.kv.stats()
-    c = kernel.kv.counters
-    swap = kernel.engine.swap
-    rows: list[tuple[str, str]] = []
+    """The KV cache of each loaded local model, in /proc/meminfo style, one section a
+    model (a blank line between), the default model first."""
+    runtimes = _local_runtimes(kernel)
+    if not runtimes:
+        return "Model: none loaded\n"
+    return "\n".join(_memory(r) for r in runtimes)
+
+
+def _local_runtimes(kernel: Kernel) -> list[LocalRuntime]:
+    found = [r for r in kernel.runtimes.values() if isinstance(r, LocalRuntime)]
+    return sorted(found, key=lambda r: (r.name != kernel.registry.default, r.name))
+
+
+def _memory(runtime: LocalRuntime) -> str:
+    """Used = Running + Cached; Free is what a new task can have at once (less the room
+    running tasks have reserved for their output); cached sequences are evicted when
+    that is not enough."""
+    kv = runtime.kv.stats()
+    c = runtime.kv.counters
+    swap = runtime.engine.swap
+    rows: list[tuple[str, str]] = [("Model", runtime.name)]
     for key, n in [("KVCapacity", kv.capacity_cells), ("KVUsed", kv.used_cells),
                    ("KVRunning", kv.running_cells), ("KVCached", kv.cached_cells),
                    ("KVReservedGrowth", kv.growth_cells), ("KVFree", kv.free_cells)]:
         rows += [(key, f"{n} cells"), (key + "Bytes", f"{n * kv.cell_bytes // 1024} kB")]
     rows += [
         ("KVCellBytes", f"{kv.cell_bytes} B"),
-        ("PerTaskContext", f"{kernel.kv.seq_limit} cells"),
+        ("PerTaskContext", f"{runtime.kv.seq_limit} cells"),
         ("Sequences", f"{kv.slots_running + kv.slots_cached} of {kv.slots}"),
         ("SequencesRunning", f"{kv.slots_running}"),
         ("SequencesCached", f"{kv.slots_cached}"),
-        ("PrefixCache", "on" if kernel.kv.prefix_cache else "off"),
-        ("PrefixCacheLimit", f"{kernel.kv.cache_limit} cells"),
+        ("PrefixCache", "on" if runtime.kv.prefix_cache else "off"),
+        ("PrefixCacheLimit", f"{runtime.kv.cache_limit} cells"),
         ("PrefixHits", f"{c.prefix_hits}"),
         ("PrefixTokensSaved", f"{c.prefix_tokens} tokens"),
         ("Evictions", f"{c.evictions}"),
@@ -133,35 +150,51 @@ def memory(kernel: Kernel) -> str:
         ("SwapInBytes", f"{swap.in_bytes // 1024} kB"),
         ("SwapErrors", f"{swap.errors}"),
         ("TasksRunning", f"{kv.slots_running}"),
-        ("TasksWaiting", f"{len(kernel.scheduler.waiting)}"),
-        ("TasksWaitingForMemory", f"{kernel.scheduler.waiting_for_memory}"),
+        ("TasksWaiting", f"{len(runtime.scheduler.waiting)}"),
+        ("TasksWaitingForMemory", f"{runtime.scheduler.waiting_for_memory}"),
     ]
     width = max(len(k) for k, _ in rows) + 1
     return "".join(f"{k + ':':<{width}} {v:>16}\n" for k, v in rows)
 
 
 def sched(kernel: Kernel) -> str:
-    """The scheduler's policy and state, ``key value`` lines; users as user.UID.KEY."""
-    s = kernel.scheduler
-    tasks = [t for t in kernel.tasks.values() if t.state.value in ("queued", "running", "preempted")]
+    """The scheduler's policy and state, ``key value`` lines; users as user.UID.KEY. One
+    section a loaded model (a blank line between), each beginning ``model NAME``."""
+    sections = [_sched(kernel, r) for r in _local_runtimes(kernel)]
+    sections += [_remote_sched(r) for r in kernel.runtimes.values() if isinstance(r, RemoteRuntime)]
+    return "\n".join(sections) if sections else "model none loaded\n"
+
+
+def _remote_sched(runtime: RemoteRuntime) -> str:
+    rows: list[tuple[str, object]] = [
+        ("model", runtime.name), ("remote", "yes"), ("running", runtime.num_running),
+        ("waiting", runtime.num_waiting), ("tokens", runtime.num_tokens)]
+    return "".join(f"{k} {v}\n" for k, v in rows)
+
+
+def _sched(kernel: Kernel, runtime: LocalRuntime) -> str:
+    s = runtime.scheduler
+    tasks = [t for t in kernel.tasks.values() if t.config.model == runtime.name
+             and t.state.value in ("queued", "running", "preempted")]
     users = s.policy.users()
     active = {t.uid for t in tasks}
     total_weight = sum(w for uid, (w, _) in users.items() if uid in active) or 1.0
     total_tokens = sum(n for _, n in users.values()) or 1.0
     rows: list[tuple[str, object]] = [
+        ("model", runtime.name),
         ("policy", s.policy.name),
         ("runnable", len(tasks)),
         ("running", len(s.running)),
         ("waiting", len(s.waiting)),
-        ("slots", kernel.kv.slots),
+        ("slots", runtime.kv.slots),
         ("batch_size", s.last_batch),
         ("n_batch", s.n_batch),
         ("prefill_chunk", s.prefill_chunk),
         ("min_turn_tokens", s.min_turn),
         ("quantum_tokens", s.quantum),
         ("preemptions", s.num_preemptions),
-        ("steps", kernel.engine.num_steps),
-        ("tokens", kernel.engine.num_tokens),
+        ("steps", runtime.engine.num_steps),
+        ("tokens", runtime.engine.num_tokens),
     ]
     for uid, (weight, tokens) in sorted(users.items()):
         mine = [t for t in tasks if t.uid == uid]
@@ -176,22 +209,47 @@ def sched(kernel: Kernel) -> str:
     return "".join(f"{k} {v}\n" for k, v in rows)
 
 
-def model_info(info: ModelInfo, loaded: bool, default: bool) -> str:
-    rows = [
-        ("name", info.name),
-        ("path", info.path),
-        ("architecture", info.architecture),
-        ("description", info.description),
-        ("parameters", info.parameters),
-        ("quantisation", info.description.split(" ", 2)[-1] if " " in info.description else "-"),
-        ("context_length", info.context_length),
-        ("vocab_size", info.vocab_size),
-        ("size_bytes", info.size_bytes),
-        *info.extra.items(),
-        ("device", info.device),
-        ("loaded", "yes" if loaded else "no"),
-        ("default", "yes" if default else "no"),
+def model_info(kernel: Kernel, name: str) -> str:
+    """models/NAME/info: what the GGUF says, and where and how the model runs."""
+    entry = kernel.registry.entries[name]
+    runtime = kernel.runtimes.get(name)
+    rows: list[tuple[str, object]] = [("name", name)]
+    if entry.remote or not entry.path:
+        rows += [("kind", "remote"), ("endpoints", " ".join(entry.endpoints) or "-")]
+        if isinstance(runtime, RemoteRuntime):
+            for e in runtime.pool.status():
+                rows.append((f"endpoint {e.url}",
+                             f"{'up' if e.up else 'down'} inflight={e.inflight} served={e.served} "
+                             f"failures={e.failures}"
+                             + (f" retry_in_s={e.retry_in_s:.0f} error={e.last_error}"
+                                if not e.up else "")))
+    else:
+        rows += [("kind", "local"), ("path", entry.path), ("copied", "yes" if entry.copied else "no")]
+        try:
+            g = read_info(Path(entry.path))
+            rows += [
+                ("architecture", g.architecture), ("description", g.name),
+                ("parameters", g.parameters), ("quantisation", g.quantisation),
+                ("context_length", g.context_length), ("layers", g.layers),
+                ("vocab_size", g.vocab_size), ("size_bytes", g.size_bytes),
+                ("chat_template", "yes" if g.chat_template else "no"),
+            ]
+        except (OSError, ValueError) as e:
+            rows.append(("file_error", str(e)))
+        rows.append(("gpu_layers_setting", "auto" if entry.gpu_layers is None else entry.gpu_layers))
+    rows.append(("template", entry.template or "-"))
+    if isinstance(runtime, LocalRuntime):
+        info = runtime.info
+        kv = runtime.kv.stats()
+        rows += [("device", info.device), *info.extra.items(),
+                 ("kv_bytes", kv.capacity_cells * kv.cell_bytes), ("sha256", runtime.sha or "-")]
+    rows += [
+        ("loaded", "yes" if runtime is not None else "no"),
+        ("default", "yes" if kernel.registry.default == name else "no"),
+        ("tasks_active", kernel.in_use(name)),
     ]
+    if kernel.load_error(name):
+        rows.append(("load_error", kernel.load_error(name)))
     return "".join(f"{k} {v}\n" for k, v in rows)
 
 

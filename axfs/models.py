@@ -1,0 +1,171 @@
+"""The registered models: what ``/ax/models`` lists, kept in ``STATE_DIR/models.json``.
+
+A model is a name and either a local GGUF file (registered by ``ln -s FILE
+models/NAME``, by ``cp FILE models/`` into the state directory, or by the mount's
+``--model``) or a list of OpenAI-compatible endpoints (``mkdir models/NAME`` then
+``endpoints URL...`` written to its ``ctl``). This module only keeps the list; loading
+and unloading are the kernel's (axfs.kernel), running is a runtime's (axfs.runtime,
+axfs.remote).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from axfs.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SUFFIX = ".gguf"
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name):
+        raise BadInput(f"bad model name {name!r}: 1-64 of A-Z a-z 0-9 . _ - beginning with a "
+                       "letter or digit")
+    return name
+
+
+def name_for_file(filename: str) -> str:
+    """``cp x.gguf models/`` registers ``x``: the name less a ``.gguf`` suffix."""
+    return filename[: -len(SUFFIX)] if filename.lower().endswith(SUFFIX) else filename
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    """One registered model; the fields after ``name`` are what models.json keeps."""
+
+    name: str
+    path: str = ""  # a local GGUF file
+    endpoints: list[str] = field(default_factory=list)  # or OpenAI-compatible servers
+    copied: bool = False  # path is axfs's own copy (STATE_DIR/models), deleted with the entry
+    gpu_layers: int | None = None  # None: chosen from the GPU's free memory
+    template: str = ""  # chat template in place of the GGUF's (a llama.cpp built-in name)
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.endpoints)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.path or self.endpoints)
+
+
+class Registry:
+    """The registered models and which one is the default, saved on every change."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path  # None: kept in memory only (tests)
+        self.entries: dict[str, ModelEntry] = {}
+        self.default = ""
+
+    def load(self) -> None:
+        if self.path is None:
+            return
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.error("cannot read %s (%s): starting with no registered models", self.path, e)
+            return
+        for raw in data.get("models", []):
+            try:
+                entry = ModelEntry(**raw)
+                self.entries[check_name(entry.name)] = entry
+            except (TypeError, BadInput) as e:
+                log.error("%s: skipping a bad entry %r (%s)", self.path, raw, e)
+        default = data.get("default", "")
+        self.default = default if default in self.entries else ""
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        data = {"default": self.default, "models": [asdict(e) for e in self.entries.values()]}
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.error("cannot write %s: %s", self.path, e)
+
+    def add(self, entry: ModelEntry) -> ModelEntry:
+        self.entries[entry.name] = entry
+        if not self.default:
+            self.default = entry.name
+        self.save()
+        return entry
+
+    def remove(self, name: str) -> ModelEntry:
+        entry = self.entries.pop(name)
+        if self.default == name:
+            self.default = next(iter(self.entries), "")
+        self.save()
+        if entry.copied:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        return entry
+
+    def find_path(self, path: str) -> ModelEntry | None:
+        """The entry already registered for this file, if any."""
+        real = os.path.realpath(path)
+        return next((e for e in self.entries.values()
+                     if e.path and os.path.realpath(e.path) == real), None)
+
+
+def check_url(url: str) -> str:
+    """An endpoint's base url: http://HOST:PORT, optionally ending in / or /v1."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "http" or not parts.hostname or port is None \
+            or parts.path.rstrip("/") not in ("", "/v1") or parts.query or parts.fragment:
+        raise BadInput(f"endpoint {url!r}: expected http://HOST:PORT (optionally ending in /v1)")
+    return url
+
+
+class ModelCopy:
+    """A model file being copied in by ``cp FILE models/``: written to NAME.gguf.part in
+    the copy directory and renamed to NAME.gguf when the writer closes it."""
+
+    def __init__(self, filename: str, directory: Path) -> None:
+        self.filename = filename  # as cp names it (x.gguf)
+        self.name = check_name(name_for_file(filename))
+        self.final = directory / f"{self.name}{SUFFIX}"
+        self.part = directory / f"{self.name}{SUFFIX}.part"
+        directory.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.size = 0
+        self.done = False
+
+    def write(self, offset: int, data: bytes) -> None:
+        os.pwrite(self.fd, data, offset)
+        self.size = max(self.size, offset + len(data))
+
+    def finish(self) -> Path:
+        """Close and move into place; the caller registers it (or calls ``abort``)."""
+        self.done = True
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.part, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        self.done = True
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for path in (self.part, self.final):
+            with contextlib.suppress(OSError):
+                path.unlink()

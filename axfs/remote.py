@@ -1,0 +1,135 @@
+"""The runtime of a model served elsewhere, by OpenAI-compatible engines (vLLM,
+llama-server, Ollama): each task is one streamed ``/v1/completions`` request, spread
+over the model's endpoints by drivers.openai's pool, which also moves a task to
+another endpoint when its own fails.
+
+The remote engine batches and caches on its side, so this runtime only limits how
+many requests it has in flight; tokens are counted as the streamed chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+import trio
+
+from axfs.task import State, Task
+from axfs.trace import Trace
+from drivers.base import DriverError
+from drivers.openai import Pool, Request
+
+log = logging.getLogger(__name__)
+
+MAX_INFLIGHT = 256  # requests in flight per model (each is one open connection)
+
+
+class RemoteRuntime:
+    seq_limit: int | None = None
+    sha = ""
+
+    def __init__(self, name: str, endpoints: list[str], trace: Trace, retry_s: float = 30.0,
+                 max_inflight: int = MAX_INFLIGHT) -> None:
+        self.name = name
+        self.trace = trace
+        self.pool = Pool(endpoints, retry_s=retry_s, on_event=self._event)
+        self.max_inflight = max_inflight
+        self.on_end: Callable[[Task], None] | None = None
+        self.last_used = time.monotonic()
+        self._waiting: deque[Task] = deque()
+        self._running: dict[str, trio.CancelScope] = {}
+        self._wake = trio.Event()
+        self.num_tokens = 0
+
+    def _event(self, kind: str, fields: dict[str, str]) -> None:
+        self.trace.emit(kind, model=self.name, **fields)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                while self._waiting and len(self._running) < self.max_inflight:
+                    task = self._waiting.popleft()
+                    if not task.finished:
+                        scope = trio.CancelScope()
+                        self._running[task.id] = scope
+                        nursery.start_soon(self._serve, task, scope)
+                await self._wake.wait()
+                self._wake = trio.Event()
+
+    def add(self, task: Task) -> None:
+        self.last_used = time.monotonic()
+        self._waiting.append(task)
+        self._wake.set()
+
+    async def _serve(self, task: Task, scope: trio.CancelScope) -> None:
+        config = task.config
+        request = Request(prompt=task.text_for_model, max_tokens=config.max_tokens,
+                          temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                          seed=config.seed, stop=tuple(config.stop))
+        task.start(-1, 0)
+        task.mark("admit", remote="yes")
+        self.trace.emit("admit", task.id, task.uid, model=self.name, remote="yes")
+
+        def on_text(text: str) -> None:
+            first = not task.output_tokens
+            task.add_text(text)
+            self.num_tokens += 1
+            if first:
+                task.mark("first_token")
+                self.trace.emit("first_token", task.id, task.uid,
+                                ms=round((task.first_token_at - task.submitted_at) * 1000, 1))
+
+        with scope:
+            try:
+                outcome = await self.pool.complete(request, on_text)
+            except DriverError as e:
+                self.trace.emit("error", task.id, task.uid, reason=str(e))
+                self.end(task, State.FAILED, "error", f"remote error: {e}")
+                return
+            finally:
+                self._running.pop(task.id, None)
+                self._wake.set()
+            reason = "length" if outcome.finish_reason == "length" else "stop"
+            task.mark("done", reason=reason, tokens=task.num_generated, endpoint=outcome.endpoint)
+            self.trace.emit("done", task.id, task.uid, reason=reason, tokens=task.num_generated,
+                            seconds=round(time.time() - task.submitted_at, 3),
+                            endpoint=outcome.endpoint, moves=outcome.moves)
+            self.end(task, State.DONE, reason)
+
+    def end(self, task: Task, state: State, reason: str, error: str = "") -> None:
+        scope = self._running.pop(task.id, None)
+        if scope is not None:
+            scope.cancel()  # closes the connection: the server stops generating
+        if task in self._waiting:
+            self._waiting.remove(task)
+        task.finish(state, reason, error)
+        self.last_used = time.monotonic()
+        self._wake.set()
+        if self.on_end is not None:
+            self.on_end(task)
+
+    def tokenize(self, text: str, bos: bool = True, special: bool = False) -> list[int]:
+        return []  # the remote engine tokenizes
+
+    def piece(self, token: int) -> bytes:
+        return b""
+
+    def is_eog(self, token: int) -> bool:
+        return False
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def active(self) -> int:
+        return self.num_running + self.num_waiting
+
+    def close(self) -> None:
+        for scope in self._running.values():
+            scope.cancel()

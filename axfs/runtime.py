@@ -1,0 +1,109 @@
+"""A loaded model and what runs its tasks: the kernel keeps one runtime per loaded model.
+
+``LocalRuntime`` is a driver in this process (llama.cpp) with its own KV manager,
+scheduler and engine, so each model batches its own tasks. ``axfs.remote`` has the
+runtime for models served by OpenAI-compatible engines elsewhere. Both answer the
+same few calls, which is all the kernel uses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from axfs.engine import Engine
+from axfs.kv import KVManager
+from axfs.policy import make_policy
+from axfs.scheduler import Scheduler
+from axfs.swap import SwapSpace
+from axfs.task import State, Task
+from axfs.trace import Trace
+from drivers.base import Driver
+
+
+class Runtime(Protocol):
+    name: str
+    sha: str  # the model file's sha256 ("" for a remote model)
+    last_used: float  # time.monotonic() of the last task it ran or ended
+    on_end: Callable[[Task], None] | None
+    seq_limit: int | None  # tokens one task's context holds (None: the server decides)
+
+    async def run(self) -> None: ...
+
+    def add(self, task: Task) -> None: ...
+
+    def end(self, task: Task, state: State, reason: str, error: str = "") -> None: ...
+
+    def tokenize(self, text: str, bos: bool = True, special: bool = False) -> list[int]: ...
+
+    def piece(self, token: int) -> bytes: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+    def active(self) -> int:
+        """Tasks it is running or has queued."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True, frozen=True)
+class LocalOptions:
+    """How each local model's runtime is set up (the mount's options)."""
+
+    policy: str = "fair"
+    prefix_cache: bool = True
+    cache_limit: int | None = None
+    swap_mem: int = 512 << 20
+
+
+class LocalRuntime:
+    def __init__(self, name: str, driver: Driver, trace: Trace, options: LocalOptions,
+                 swap: SwapSpace | None = None, sha: str = "") -> None:
+        self.name = name
+        self.driver = driver
+        self.sha = sha
+        self.info = driver.info
+        shape = driver.shape
+        self.kv = KVManager(shape.n_ctx, shape.n_seq_max, shape.cell_bytes,
+                            seq_limit=min(shape.n_ctx, self.info.context_length or shape.n_ctx),
+                            prefix_cache=options.prefix_cache, cache_limit=options.cache_limit)
+        self.seq_limit: int | None = self.kv.seq_limit
+        self.scheduler = Scheduler(self.kv, shape.n_batch, make_policy(options.policy))
+        self.engine = Engine(driver, self.scheduler, trace, swap or SwapSpace(options.swap_mem, None))
+        self.engine.swap.on_error = lambda task_id, why: trace.emit("error", task_id, reason=why)
+        self.engine.on_end = self._ended
+        self.on_end: Callable[[Task], None] | None = None
+        self.last_used = time.monotonic()
+
+    async def run(self) -> None:
+        await self.engine.run()
+
+    def add(self, task: Task) -> None:
+        self.last_used = time.monotonic()
+        self.engine.add(task)
+
+    def end(self, task: Task, state: State, reason: str, error: str = "") -> None:
+        self.engine.end(task, state, reason, error)
+
+    def _ended(self, task: Task) -> None:
+        self.last_used = time.monotonic()
+        if self.on_end is not None:
+            self.on_end(task)
+
+    def tokenize(self, text: str, bos: bool = True, special: bool = False) -> list[int]:
+        return self.driver.tokenize(text, bos=bos, special=special)
+
+    def piece(self, token: int) -> bytes:
+        return self.driver.piece(token)
+
+    def is_eog(self, token: int) -> bool:
+        return self.driver.is_eog(token)
+
+    def active(self) -> int:
+        return len(self.scheduler.running) + len(self.scheduler.waiting)
+
+    def close(self) -> None:
+        self.driver.close()
