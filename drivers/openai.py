@@ -112,7 +112,7 @@ def parse_url(url: str) -> Address:
     except ValueError as e:
         raise ValueError(f"{expected}: {e}") from None
     if parts.scheme != "http":
-        raise ValueError(f"{expected}: only plain http is supported, not {parts.scheme or 'no scheme'!r}")
+        raise ValueError(f"{expected}: only plain http is supported")
     if not parts.hostname:
         raise ValueError(f"{expected}: no host")
     if parts.username or parts.password or parts.query or parts.fragment:
