@@ -75,7 +75,7 @@ def vocab(size: int = 0, control: Sequence[str] = ()) -> tuple[list[str], list[f
     types += [tt.CONTROL] * len(control)
     scores += [0.0] * len(control)
     words = list(dict.fromkeys(_WORDS.split()))
-    pairs = (SPACE + a + b for a, b in itertools.product(words, words) if a != b)
+    pairs = dict.fromkeys(SPACE + a + b for a, b in itertools.product(words, words) if a != b)
     seen = set(tokens)
     extra = list(itertools.islice((p for p in pairs if p not in seen), max(0, size - len(tokens))))
     if len(tokens) + len(extra) < size:
