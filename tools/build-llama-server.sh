@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Build llama.cpp's own llama-server from the llama.cpp that llama-cpp-python 0.3.36
 # vendors (its source distribution on PyPI), with the same flags as axfs's build, for
-# the benchmarks that compare against it:
+# the remote driver's tests (tests/test_remote_driver.py) and the benchmarks that run it:
 #
 #   bash tools/build-llama-server.sh            # prints the binary's path at the end
-#   LLAMA_SERVER=$(bash tools/build-llama-server.sh | tail -1) .venv/bin/python tools/bench/server
+#   LLAMA_SERVER=$(bash tools/build-llama-server.sh | tail -1) \
+#     .venv/bin/python tools/bench/throughput --baseline llama-server
 #
-# About five minutes on two cores. Needs cmake and a C++ compiler (tools/install.sh).
+# A no-op when the binary exists. About five minutes on two cores. Needs cmake and a C++
+# compiler (tools/install.sh installs them, then runs this).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out="$repo/build/llama-server"

