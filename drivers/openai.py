@@ -13,6 +13,10 @@ stream one token per chunk), not counting a closing chunk that has only a
 llama-server does) that number replaces the count of the chunks it finished. A count
 from chunks can be low: llama-server holds back a token that ends inside a UTF-8
 character and sends it with the next one.
+
+A request moved to another endpoint goes on from the text received so far (the prompt
+and that text as the new prompt, the tokens left as max_tokens), so a stop string cut in
+two by the move is not seen.
 """
 
 from __future__ import annotations
@@ -449,9 +453,8 @@ class Pool:
 
     # -- choosing an endpoint
 
-    def _choose(self) -> Endpoint | None:
+    def _choose(self, now: float) -> Endpoint | None:
         """The ready endpoint with the fewest requests in flight, ties taken in turn."""
-        now = time.monotonic()
         ready = [i for i, e in enumerate(self.endpoints) if e.ready(now)]
         if not ready:
             return None
@@ -465,14 +468,16 @@ class Pool:
     async def _pick(self, progress: Progress) -> Endpoint:
         """An endpoint to try next, waiting for a retry when none is ready."""
         while True:
+            now = time.monotonic()
             give_up_at = progress.last_progress + self.give_up_s
-            if progress.failures and time.monotonic() >= give_up_at:
+            endpoint = self._choose(now)
+            # A request that has failed, or has waited, give_up_s since its last token stops.
+            if now >= give_up_at and (endpoint is None or progress.failures):
                 raise RemoteError(self._no_endpoint_message())
-            endpoint = self._choose()
             if endpoint is not None:
                 return endpoint
-            wake = min(min(e.down_until for e in self.endpoints), give_up_at)
-            await trio.sleep(max(0.0, wake - time.monotonic()))
+            retry_at = min(e.down_until for e in self.endpoints)
+            await trio.sleep(min(retry_at, give_up_at) - now)
 
     def _no_endpoint_message(self) -> str:
         reasons = "; ".join(f"{e.url}: {e.last_error or 'not tried'}" for e in self.endpoints)
@@ -503,14 +508,15 @@ class Pool:
             reader = Reader(stream, self.timeout_s)
             head = await read_head(reader)
             body = Body(reader, head.headers)
-            if head.status >= 500:
-                message = error_message(await body.read_all(MAX_ERROR_BODY))
-                raise EndpointFailed(f"HTTP {head.status}: {message}")
-            self._mark_up(endpoint)
-            if head.status != 200:
-                message = error_message(await body.read_all(MAX_ERROR_BODY))
+            refused = 400 <= head.status < 500  # the request's fault, not the endpoint's
+            if head.status == 200 or refused:
+                self._mark_up(endpoint)
+            if head.status == 200:
+                return await self._read_events(endpoint, body, progress, on_text)
+            message = error_message(await body.read_all(MAX_ERROR_BODY))
+            if refused:
                 raise RemoteError(f"{endpoint.url} refused the request (HTTP {head.status}): {message}")
-            return await self._read_events(endpoint, body, progress, on_text)
+            raise EndpointFailed(f"HTTP {head.status}: {message}")
 
     async def _read_events(self, endpoint: Endpoint, body: Body, progress: Progress,
                            on_text: Callable[[str], None]) -> str:

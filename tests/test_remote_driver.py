@@ -199,6 +199,16 @@ async def test_all_down_gives_up() -> None:
     assert all(s.failures >= 3 and not s.up and s.inflight == 0 for s in pool.status())
 
 
+async def test_all_down_for_longer_than_give_up() -> None:
+    pool = Pool([f"http://127.0.0.1:{free_port()}"], retry_s=60, give_up_s=0.3)
+    with pytest.raises(RemoteError, match="Connection refused"):
+        await pool.complete(Request(PROMPT, 8), lambda text: None)
+    start = time.monotonic()  # a new request finds the endpoint down for a minute
+    with pytest.raises(RemoteError, match="Connection refused"):
+        await pool.complete(Request(PROMPT, 8), lambda text: None)
+    assert 0.3 <= time.monotonic() - start < 1 and pool.status()[0].failures == 1
+
+
 async def test_cancel_closes_the_connection(tiny_model: Path, binary: Path) -> None:
     with llama_server(tiny_model, parallel=1, ctx=8192, binary=binary) as server:
         pool = Pool([server.url])
