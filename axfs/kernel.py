@@ -354,6 +354,10 @@ class Kernel:
             busy = self.in_use(name)
             if busy:
                 raise Busy(f"model {name} has {busy} unfinished tasks")
+            if name == self.registry.default and len(self.registry.entries) > 1:
+                raise Busy(f"model {name} is the default: make another the default first")
+            if name == self.registry.default:
+                raise Busy(f"model {name} is the only model")
             self.unload(name, reason="rm")
             self.registry.remove(name)
             self.defaults.model = self.registry.default

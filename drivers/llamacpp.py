@@ -18,7 +18,6 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
-from axfs.devices import free_gpu_memory, gpus, plan_gpu_layers
 from drivers import gguf
 from drivers.base import (
     ContextShape,
@@ -30,6 +29,7 @@ from drivers.base import (
     SeqState,
     StepAborted,
 )
+from drivers.devices import free_gpu_memory, gpus, plan_gpu_layers
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import llama_cpp as lc
 import pytest
 
 import drivers.llamacpp as llamacpp
-from axfs import devices
+from drivers import devices
 from drivers.base import Piece, Sampling
 from drivers.gguf import read_header, read_info
 from drivers.llamacpp import LlamaCppDriver, kv_cell_bytes

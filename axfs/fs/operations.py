@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from axfs import devices, replay
+from axfs import replay
 from axfs.errors import (
     AxfsError,
     BadInput,
@@ -39,6 +39,7 @@ from axfs.fs import views
 from axfs.kernel import Kernel
 from axfs.models import ModelCopy
 from axfs.task import State, Task
+from drivers import devices
 
 log = logging.getLogger(__name__)
 

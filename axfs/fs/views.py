@@ -122,7 +122,7 @@ def _memory(runtime: LocalRuntime) -> str:
     kv = runtime.kv.stats()
     c = runtime.kv.counters
     swap = runtime.engine.swap
-    rows: list[tuple[str, str]] = [("Model", runtime.name)]
+    rows: list[tuple[str, str]] = []
     for key, n in [("KVCapacity", kv.capacity_cells), ("KVUsed", kv.used_cells),
                    ("KVRunning", kv.running_cells), ("KVCached", kv.cached_cells),
                    ("KVReservedGrowth", kv.growth_cells), ("KVFree", kv.free_cells)]:
@@ -152,6 +152,7 @@ def _memory(runtime: LocalRuntime) -> str:
         ("TasksRunning", f"{kv.slots_running}"),
         ("TasksWaiting", f"{len(runtime.scheduler.waiting)}"),
         ("TasksWaitingForMemory", f"{runtime.scheduler.waiting_for_memory}"),
+        ("Model", runtime.name),
     ]
     width = max(len(k) for k, _ in rows) + 1
     return "".join(f"{k + ':':<{width}} {v:>16}\n" for k, v in rows)
