@@ -180,6 +180,7 @@ class Kernel:
         """The runtime of model ``name``, loading it first if it is not loaded."""
         runtime = self.runtimes.get(name)
         if runtime is not None:
+            runtime.last_used = time.monotonic()  # not idle: a task is about to use it
             return runtime
         entry = self.registry.entries.get(name)
         if entry is None:
@@ -473,7 +474,14 @@ class Kernel:
         text = self._prompt_text(uid, None, data)
         self.check_quota(uid, None, None)
         task = self.create(uid, gid)
-        await self._queue(task, text)
+        try:
+            await self._queue(task, text)
+        except AxfsError as e:
+            # Its model could not be loaded: the task shows why (tasks/latest/error).
+            self._latest[uid] = task.id
+            task.prompt = text
+            task.finish(State.FAILED, "error", str(e))
+            raise
         return task
 
     def _prompt_text(self, uid: int, task: Task | None, data: bytes) -> str:
@@ -626,6 +634,9 @@ class Kernel:
         task.mark("submit", prompt_tokens=len(tokens), max_tokens=task.config.max_tokens)
         if self.keeper is not None:
             self.keeper.submitted(task)
+        if self.runtimes.get(runtime.name) is not runtime:  # unloaded meanwhile
+            self.when_loaded(runtime.name, lambda again: again.add(task))
+            return
         limit = runtime.seq_limit
         if limit is not None and len(tokens) >= limit:
             error = NoSpace(f"prompt is {len(tokens)} tokens; a task's context holds "

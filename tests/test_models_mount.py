@@ -207,3 +207,17 @@ def test_registry_survives_a_remount(tiny_model: Path, models: dict[str, Path],
         assert "kept" in m.sh("ls models").stdout.split()
         assert info(m, "kept")["default"] == "no"  # --model names this mount's default
         assert info(m, tiny_model.stem)["default"] == "yes"
+
+
+def test_a_model_that_cannot_load_fails_its_task_with_the_reason(ax: Mount, tiny_model: Path,
+                                                                 tmp_path: Path) -> None:
+    doomed = tmp_path / "doomed.gguf"
+    doomed.write_bytes(tiny_model.read_bytes())
+    ax.sh(f"ln -s {doomed} models/doomed")
+    doomed.unlink()
+    ax.sh("mkdir tasks/orphan && echo 'model doomed' > tasks/orphan/config"
+          " && echo hello > tasks/orphan/prompt")
+    error = ax.read("tasks/orphan/error")
+    assert "model doomed cannot be loaded" in error, error
+    assert "load_error model doomed cannot be loaded" in ax.read("models/doomed/info")
+    ax.sh("rm -r models/doomed")

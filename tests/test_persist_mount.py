@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -130,7 +131,9 @@ def replay(ax: Mount, name: str) -> str:
 
 
 def test_replays_match_and_a_changed_model_is_a_mismatch(tiny_model: Path, tmp_path: Path) -> None:
-    ax, _ = up(tmp_path, tiny_model)
+    model = tmp_path / "model.gguf"
+    shutil.copy(tiny_model, model)
+    ax, _ = up(tmp_path, model)
     try:
         submit(ax, "greedy", "the first word", 200)
         submit(ax, "seeded", "the first word", 200, temperature=0.9, seed=42)
@@ -143,8 +146,8 @@ def test_replays_match_and_a_changed_model_is_a_mismatch(tiny_model: Path, tmp_p
         assert done.returncode != 0 and "Invalid argument" in done.stderr
     finally:
         umount(ax.path)
-    other = write_tiny_gguf(tmp_path / "other.gguf", n_ctx_train=65536, seed=7)
-    ax, _ = up(tmp_path, other)
+    write_tiny_gguf(model, n_ctx_train=65536, seed=7)  # another model in the same file
+    ax, _ = up(tmp_path, model)
     try:
         result = replay(ax, "greedy")
         assert result.startswith("mismatch model: task greedy ran on a model file with sha256 ")

@@ -116,7 +116,7 @@ def test_the_fstab_helper_mounts_with_the_options_mount_passes(tiny_model: Path,
         memory = (mnt / "memory").read_text()
         assert "KVCapacity:" in memory and " 4096 cells" in memory.split("\n", 1)[0]
         assert " of 4\n" in memory
-        assert (mnt / "sched").read_text().startswith("policy fifo\n")
+        assert "\npolicy fifo\n" in (mnt / "sched").read_text()
         assert (tmp_path / "state/axfs.log").exists()
     finally:
         umount(mnt)

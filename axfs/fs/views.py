@@ -27,7 +27,13 @@ axfs - a language model behind a filesystem
                                            a task with its own parameters
 
 README               this text
-models/NAME/info     the model: architecture, parameters, quantisation, context, size
+models/              ln -s FILE models/NAME or cp FILE models/: register a model;
+                     mkdir models/NAME: a remote one; rm -r models/NAME: remove it
+models/NAME/info     the model: architecture, parameters, quantisation, context, size,
+                     device, loaded or not
+models/NAME/ctl      write "load", "unload", "default", "endpoints URL...",
+                     "gpu_layers N|auto" or "template [NAME]"
+models/NAME/file     symlink to the model's GGUF file
 tasks/new            write a prompt -> a new task is queued; read the same open file
                      -> its id
 tasks/latest         symlink to your newest task
@@ -36,7 +42,7 @@ tasks/ID/stream      the generated text; a read waits for more text or the end (
 tasks/ID/status      state (draft queued running preempted done failed killed) and counters,
                      one "key value" per line
 tasks/ID/config      parameters, "key value" lines: model max_tokens temperature top_k
-                     top_p seed stop priority; writable until the task starts
+                     top_p seed stop priority chat; writable until the task starts
 tasks/ID/ctl         write "kill" or "priority N" (a weight, 1-10000, default 100)
 tasks/ID/fork        write a follow-up -> a child task continuing this task's text and
                      sharing its KV; read the same open file -> the child's id
@@ -44,8 +50,9 @@ tasks/ID/parent      (a fork's) symlink to the task it continues
 tasks/ID/error       why the task failed or why the last write to it was refused
 rm -r tasks/ID       kill the task if it runs and remove it
 memory               the KV cache, like /proc/meminfo: used = running + cached, prefix
-                     cache hits, evictions, swap
-sched                the scheduler: policy, queue, batch, each user's share and use
+                     cache hits, evictions, swap; a section a loaded model
+sched                the scheduler: policy, queue, batch, each user's share and use;
+                     a section a loaded model
 trace                one line per scheduler event; tail -f follows it
 replay/ID/timeline   what happened to task ID, with times since it was submitted
 replay/ID/ctl        write "run": run task ID again (alone, same tokens, parameters, seed)
