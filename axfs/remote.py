@@ -4,7 +4,8 @@ over the model's endpoints by drivers.openai's pool, which also moves a task to
 another endpoint when its own fails.
 
 The remote engine batches and caches on its side, so this runtime only limits how
-many requests it has in flight; tokens are counted as the streamed chunks.
+many requests it has in flight; tokens are counted as the streamed pieces of text,
+corrected by the server's own count at the end (drivers.openai.Outcome.tokens).
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ class RemoteRuntime:
             finally:
                 self._running.pop(task.id, None)
                 self._wake.set()
+            # Pieces of text are not always one token each; the server's count is right.
+            missing = outcome.tokens - len(task.output_tokens)
+            if missing > 0:
+                task.output_tokens += [-1] * missing
+                self.num_tokens += missing
             reason = "length" if outcome.finish_reason == "length" else "stop"
             task.mark("done", reason=reason, tokens=task.num_generated, endpoint=outcome.endpoint)
             self.trace.emit("done", task.id, task.uid, reason=reason, tokens=task.num_generated,
