@@ -77,6 +77,7 @@ class Kernel:
         self._load_errors: dict[str, str] = {}
         self._deferred: dict[str, list[Callable[[Runtime], None]]] = {}  # until it loads
         self._nursery: trio.Nursery | None = None
+        self._started = trio.Event()  # run() has its nursery: models can be loaded
         if driver is not None:
             name = driver.info.name
             if name not in self.registry.entries:
@@ -97,6 +98,7 @@ class Kernel:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._started.set()
             if self.keeper is not None:
                 nursery.start_soon(self.keeper.run, self)
             for name, runtime in list(self.runtimes.items()):
@@ -200,8 +202,7 @@ class Kernel:
         return runtime
 
     async def _load(self, entry: ModelEntry) -> Runtime:
-        if self._nursery is None:
-            raise Unavailable(f"model {entry.name} is not loaded and the kernel is not running")
+        await self._started.wait()
         if not entry.configured:
             raise BadInput(f"model {entry.name} has no file or endpoints yet (write "
                            f"'endpoints URL...' to models/{entry.name}/ctl)")
