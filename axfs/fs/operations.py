@@ -476,7 +476,7 @@ class Operations(pyfuse3.Operations):
         filename = os.fsdecode(name)
         if filename in self._copies:
             raise _fail(errno.EEXIST)
-        copy = await trio.to_thread.run_sync(self.kernel.begin_copy, filename)
+        copy = self.kernel.begin_copy(filename)  # opens one file: no need for a thread
         self._copies[filename] = copy
         node = Node("model_copy", filename)
         fh = self._new_fh()
@@ -670,6 +670,7 @@ class Operations(pyfuse3.Operations):
         if copy is None or copy.done:
             return
         self._copies.pop(copy.filename, None)
+        copy.done = True  # a second flush of the same file (a dup'ed descriptor) does nothing
         try:
             await trio.to_thread.run_sync(copy.finish)
         except OSError as e:
