@@ -57,6 +57,11 @@ ERRNO: dict[type[AxfsError], int] = {
 TASK_FILES = ("prompt", "stream", "status", "config", "ctl", "fork", "error")
 WRITABLE = frozenset({"prompt", "config", "ctl", "fork"})
 POLL_SECONDS = 0.2  # a blocked reader checks its signals this often
+# A reader that comes back within this long of its last read (a fast model: a GPU) waits
+# the rest of it for more text, so that one read carries several tokens: each read is a
+# FUSE request answered by the one Python thread, and at one per token they cap a tree
+# at a few thousand tokens a second. Slower streams are never held back.
+COALESCE_S = 0.01
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -117,6 +122,7 @@ class Handle:
     skew: int = 0  # trace: absolute offset minus file offset (lines dropped meanwhile)
     replied: int = 0  # tasks/new: bytes of the id already read (the write moved the offset)
     copy: ModelCopy | None = None  # cp FILE models/: the copy being written
+    last_read: float = -1.0  # trio time of the last stream read answered
     utf8: codecs.IncrementalDecoder = field(  # checks the prompt's text as it is written
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")())
 
@@ -587,6 +593,12 @@ class Operations(pyfuse3.Operations):
         while True:
             changed = task.changed
             if len(task.output) > off or task.finished or task.state is State.DRAFT:
+                hold = h.last_read + COALESCE_S - trio.current_time()
+                if hold > 0 and not task.finished and len(task.output) - off < size:
+                    with trio.move_on_after(hold):
+                        while not task.finished and len(task.output) - off < size:
+                            await task.changed.wait()
+                h.last_read = trio.current_time()
                 return bytes(task.output[off : off + size])
             with trio.move_on_at(check_at):
                 await changed.wait()
