@@ -61,7 +61,7 @@ class MountOptions:
     journal: bool = True
     cache_cells: int | None = None  # cells of ended tasks' KV kept, at most (None: ctx/4)
     gpu_layers: int | None = None  # the default model's; None: its models/NAME/ctl setting, else auto
-    idle_unload: float = 600.0  # seconds a model other than the default stays loaded idle (0: ever)
+    idle_unload: float = 600.0  # seconds a model other than the default stays loaded idle (0: never)
     remote: tuple[str, ...] = ()  # --remote values, "NAME=URL[,URL...]"
 
 
