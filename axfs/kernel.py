@@ -23,7 +23,15 @@ from axfs.config import TaskConfig
 from axfs.engine import Engine
 from axfs.errors import AxfsError, BadInput, Busy, Exists, NoSpace, NotFound, Unavailable
 from axfs.kv import KVManager
-from axfs.models import ModelCopy, ModelEntry, Registry, check_name, check_url, name_for_file
+from axfs.models import (
+    ModelCopy,
+    ModelEntry,
+    Registry,
+    check_name,
+    check_url,
+    gguf_info,
+    name_for_file,
+)
 from axfs.persist import Keeper
 from axfs.quota import Limits, Quota
 from axfs.remote import RemoteRuntime
@@ -35,7 +43,6 @@ from axfs.task import State, Task
 from axfs.trace import Trace
 from drivers import chat
 from drivers.base import Driver, DriverError
-from drivers.gguf import read_info
 
 Loader = Callable[[ModelEntry], Driver]  # loads a local model (in a worker thread)
 
@@ -302,7 +309,7 @@ class Kernel:
             if not os.path.isabs(path):
                 raise BadInput(f"{path}: the link must be an absolute path")
             try:
-                info = read_info(Path(path))
+                info = gguf_info(path)
             except (OSError, ValueError) as e:
                 raise BadInput(f"{path}: not a model file ({e})") from e
             entry = self.registry.add(ModelEntry(name, path=path, copied=copied))

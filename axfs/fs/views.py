@@ -7,14 +7,13 @@ together with README.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from axfs.kernel import Kernel
+from axfs.models import gguf_info
 from axfs.remote import RemoteRuntime
 from axfs.runtime import LocalRuntime
 from axfs.swap import SwapSpace
 from axfs.task import Task
-from drivers.gguf import read_info
 
 MIB = 1 << 20
 
@@ -234,7 +233,7 @@ def model_info(kernel: Kernel, name: str) -> str:
     else:
         rows += [("kind", "local"), ("path", entry.path), ("copied", "yes" if entry.copied else "no")]
         try:
-            g = read_info(Path(entry.path))
+            g = gguf_info(entry.path)
             rows += [
                 ("architecture", g.architecture), ("description", g.name),
                 ("parameters", g.parameters), ("quantisation", g.quantisation),
