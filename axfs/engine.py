@@ -39,6 +39,20 @@ class StepResult:
     error: str = ""  # why the step itself failed (the sequences are as before it)
 
 
+def note_first_token(trace: Trace, task: Task) -> None:
+    """The timeline's and the trace's line for a task's first token (every runtime's)."""
+    task.mark("first_token")
+    trace.emit("first_token", task.id, task.uid,
+               ms=round((task.first_token_at - task.submitted_at) * 1000, 1))
+
+
+def note_done(trace: Trace, task: Task, reason: str, **extra: object) -> None:
+    """The timeline's and the trace's line for a task that generated to its end."""
+    task.mark("done", reason=reason, tokens=task.num_generated, **extra)
+    trace.emit("done", task.id, task.uid, reason=reason, tokens=task.num_generated,
+               seconds=round(time.time() - task.submitted_at, 3), **extra)
+
+
 class Engine:
     def __init__(self, driver: Driver, scheduler: Scheduler, trace: Trace,
                  swap: SwapSpace | None = None) -> None:
@@ -196,14 +210,9 @@ class Engine:
             task.add_token(token, self.driver.piece(token), self.driver.is_eog(token),
                            limit_reached=task.num_history + 1 > task.kv_reserved)
             if first:
-                task.mark("first_token")
-                self.trace.emit("first_token", task.id, task.uid,
-                                ms=round((task.first_token_at - task.submitted_at) * 1000, 1))
+                note_first_token(self.trace, task)
             if task.finished:
-                task.mark("done", reason=task.finish_reason, tokens=task.num_generated)
-                self.trace.emit("done", task.id, task.uid, reason=task.finish_reason,
-                                tokens=task.num_generated,
-                                seconds=round(time.time() - task.submitted_at, 3))
+                note_done(self.trace, task, task.finish_reason)
                 self.end(task, task.state, task.finish_reason)
 
     def _step_failed(self, plan: StepPlan, error: str) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import trio
 
+from axfs.engine import note_done, note_first_token
 from axfs.task import State, Task
 from axfs.trace import Trace
 from drivers.base import DriverError
@@ -78,9 +79,7 @@ class RemoteRuntime:
             task.add_text(text)
             self.num_tokens += 1
             if first:
-                task.mark("first_token")
-                self.trace.emit("first_token", task.id, task.uid,
-                                ms=round((task.first_token_at - task.submitted_at) * 1000, 1))
+                note_first_token(self.trace, task)
 
         with scope:
             try:
@@ -98,10 +97,7 @@ class RemoteRuntime:
                 task.output_tokens += [-1] * missing
                 self.num_tokens += missing
             reason = "length" if outcome.finish_reason == "length" else "stop"
-            task.mark("done", reason=reason, tokens=task.num_generated, endpoint=outcome.endpoint)
-            self.trace.emit("done", task.id, task.uid, reason=reason, tokens=task.num_generated,
-                            seconds=round(time.time() - task.submitted_at, 3),
-                            endpoint=outcome.endpoint, moves=outcome.moves)
+            note_done(self.trace, task, reason, endpoint=outcome.endpoint, moves=outcome.moves)
             self.end(task, State.DONE, reason)
 
     def end(self, task: Task, state: State, reason: str, error: str = "") -> None:
