@@ -27,7 +27,6 @@ from axfs.models import (
     ModelCopy,
     ModelEntry,
     Registry,
-    check_name,
     check_url,
     gguf_info,
     name_for_file,
@@ -244,8 +243,7 @@ class Kernel:
         try:
             await self.runtime(name)
         except AxfsError as e:
-            for task in [t for t in self.tasks.values()
-                         if t.config.model == name and not t.finished and t.state is not State.DRAFT]:
+            for task in self._unfinished(name):
                 self.finish(task, State.FAILED, "error", str(e))
             self._deferred.pop(name, None)
 
@@ -284,10 +282,13 @@ class Kernel:
                 if not runtime.active() and now - runtime.last_used >= self.idle_unload_s:
                     self.unload(name, reason="idle")
 
-    def in_use(self, name: str) -> int:
+    def _unfinished(self, name: str) -> list[Task]:
         """Tasks submitted to model ``name`` that have not ended."""
-        return sum(1 for t in self.tasks.values()
-                   if t.config.model == name and not t.finished and t.state is not State.DRAFT)
+        return [t for t in self.tasks.values()
+                if t.config.model == name and not t.finished and t.state is not State.DRAFT]
+
+    def in_use(self, name: str) -> int:
+        return len(self._unfinished(name))
 
     # -- registering models (models/) -------------------------------------------------
 
@@ -303,9 +304,7 @@ class Kernel:
     def register(self, name: str, path: str, copied: bool = False) -> ModelEntry:
         """``ln -s FILE models/NAME``, or the end of ``cp FILE models/``."""
         with self._refused(name):
-            check_name(name)
-            if name in self.registry.entries:
-                raise Exists(f"model {name} exists")
+            self.registry.check_new(name)
             if not os.path.isabs(path):
                 raise BadInput(f"{path}: the link must be an absolute path")
             try:
@@ -323,9 +322,7 @@ class Kernel:
         with self._refused(filename):
             if self.copy_dir is None:
                 raise BadInput("this mount keeps no model copies (no state directory)")
-            name = check_name(name_for_file(filename))
-            if name in self.registry.entries:
-                raise Exists(f"model {name} exists")
+            name = self.registry.check_new(name_for_file(filename))
             copy = ModelCopy(filename, self.copy_dir)
             self.trace.emit("model_copy", model=name, to=str(copy.final))
             return copy
@@ -348,10 +345,7 @@ class Kernel:
     def add_remote(self, name: str) -> ModelEntry:
         """``mkdir models/NAME``: a model whose endpoints are written to its ctl next."""
         with self._refused(name):
-            check_name(name)
-            if name in self.registry.entries:
-                raise Exists(f"model {name} exists")
-            entry = self.registry.add(ModelEntry(name))
+            entry = self.registry.add(ModelEntry(self.registry.check_new(name)))
             self.trace.emit("model_add", model=name, remote="yes")
             return entry
 
@@ -363,10 +357,9 @@ class Kernel:
             busy = self.in_use(name)
             if busy:
                 raise Busy(f"model {name} has {busy} unfinished tasks")
-            if name == self.registry.default and len(self.registry.entries) > 1:
-                raise Busy(f"model {name} is the default: make another the default first")
             if name == self.registry.default:
-                raise Busy(f"model {name} is the only model")
+                raise Busy(f"model {name} is the default: make another the default first"
+                           if len(self.registry.entries) > 1 else f"model {name} is the only model")
             self.unload(name, reason="rm")
             self.registry.remove(name)
             self.defaults.model = self.registry.default
@@ -642,9 +635,15 @@ class Kernel:
         task.mark("submit", prompt_tokens=len(tokens), max_tokens=task.config.max_tokens)
         if self.keeper is not None:
             self.keeper.submitted(task)
-        if self.runtimes.get(runtime.name) is not runtime:  # unloaded meanwhile
-            self.when_loaded(runtime.name, lambda again: again.add(task))
+        self._add(task, runtime)
+
+    def _add(self, task: Task, runtime: Runtime) -> None:
+        """Hand a submitted task to its model's runtime (the one loaded now, should
+        ``runtime`` have been unloaded meanwhile), or fail it if its prompt cannot fit."""
+        if self.runtimes.get(runtime.name) is not runtime:
+            self.when_loaded(runtime.name, lambda again: self._add(task, again))
             return
+        tokens = task.prompt_tokens
         limit = runtime.seq_limit
         if limit is not None and len(tokens) >= limit:
             error = NoSpace(f"prompt is {len(tokens)} tokens; a task's context holds "

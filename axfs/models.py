@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from axfs.errors import BadInput
+from axfs.errors import BadInput, Exists
 from drivers.gguf import GgufInfo, read_info
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,12 @@ class Registry:
             os.replace(tmp, self.path)
         except OSError as e:
             log.error("cannot write %s: %s", self.path, e)
+
+    def check_new(self, name: str) -> str:
+        """``name`` if a new model may take it; BadInput or Exists saying why not."""
+        if check_name(name) in self.entries:
+            raise Exists(f"model {name} exists")
+        return name
 
     def add(self, entry: ModelEntry) -> ModelEntry:
         self.entries[entry.name] = entry
