@@ -1,8 +1,19 @@
 """The engine: one loop that schedules a step, has the driver run it, and applies it.
 
-Driver calls run in a worker thread (``trio.to_thread``) so the FUSE handlers keep
-being answered while the model computes; everything else happens in the trio
-thread, so kernel state needs no locks.
+Driver calls run in a worker thread so the FUSE handlers keep being answered while
+the model computes; everything else happens in the trio thread, so kernel state needs
+no locks.
+
+A step's results are applied in two passes. The first, as soon as the step returns,
+does what the next step depends on: every sampled token is counted, the KV and the
+fair shares are charged, and a task that ends by its end-of-generation token, its
+``max_tokens`` or its context is finished. The next step is then planned and started,
+and the second pass (each token's text: UTF-8, stop strings, waking the stream's
+readers) runs while the model computes it (``overlap``, in the manner of vLLM's async
+scheduling and SGLang's overlap scheduler). Greedy text is the same either way: a step
+only ever feeds tokens the first pass has counted. A task whose text reaches a stop
+string has one more token computed in the step under way; it is not applied, and the
+task's sequence is cleared instead of cached.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import outcome
 import trio
 
 from axfs.scheduler import Scheduler, StepPlan
@@ -55,11 +67,12 @@ def note_done(trace: Trace, task: Task, reason: str, **extra: object) -> None:
 
 class Engine:
     def __init__(self, driver: Driver, scheduler: Scheduler, trace: Trace,
-                 swap: SwapSpace | None = None) -> None:
+                 swap: SwapSpace | None = None, overlap: bool = True) -> None:
         self.driver = driver
         self.scheduler = scheduler
         self.trace = trace
         self.swap = swap or SwapSpace(512 << 20, None)
+        self.overlap = overlap  # publish a step's text while the next step runs
         self._wake = trio.Event()
         self._to_close: list[int] = []  # freed sequence slots to clear before the next step
         self.num_steps = 0
@@ -96,39 +109,75 @@ class Engine:
             self.on_end(task)
 
     async def run(self) -> None:
+        text: list[tuple[Task, int]] = []  # the last step's tokens whose text is not out yet
         while True:
             self.driver.abort(False)
             plan = self.scheduler.schedule()
             if plan.empty and not self._to_close:
+                if text:
+                    self._publish(text)
+                    text = []
+                    continue
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
-            for task, _, keep in plan.preempted:
-                task.mark("preempt", keep_kv=keep)
-                self.trace.emit("preempt", task.id, task.uid, cells=task.num_cached if keep else 0,
-                                keep_kv="yes" if keep else "no")
-            for slot in plan.evicted:
-                self.trace.emit("evict", seq=slot)
-            for adm in plan.admissions:
-                task = adm.task
-                task.mark("admit", seq=adm.slot, prefix=adm.prefix)
-                self.trace.emit("admit", task.id, task.uid, seq=task.seq, kv_cells=task.kv_reserved,
-                                prefix=adm.prefix, resumed="yes" if task.saved else "no")
+            self._announce(plan)
             closed, self._to_close = self._to_close, []
             self._stepping = True
             self._inflight = set(plan.owners)
             try:
-                result = await trio.to_thread.run_sync(self._run, plan, closed)
+                result = await self._step(plan, closed, text)
             except DriverError as e:
                 log.warning("step failed: %s", e)
                 for task in [*plan.owners.values(), *(t for t, _, _ in plan.preempted)]:
                     self.trace.emit("error", task.id, task.uid, reason=str(e))
                     self.end(task, State.FAILED, "error", f"model error: {e}")
+                text = []
                 continue
             finally:
                 self._stepping = False
                 self._inflight = set()
-            self._apply(plan, result)
+            text = self._apply(plan, result)
+            if not self.overlap:
+                self._publish(text)
+                text = []
+
+    def _announce(self, plan: StepPlan) -> None:
+        for task, _, keep in plan.preempted:
+            task.mark("preempt", keep_kv=keep)
+            self.trace.emit("preempt", task.id, task.uid, cells=task.num_cached if keep else 0,
+                            keep_kv="yes" if keep else "no")
+        for slot in plan.evicted:
+            self.trace.emit("evict", seq=slot)
+        for adm in plan.admissions:
+            task = adm.task
+            task.mark("admit", seq=adm.slot, prefix=adm.prefix)
+            self.trace.emit("admit", task.id, task.uid, seq=task.seq, kv_cells=task.kv_reserved,
+                            prefix=adm.prefix, resumed="yes" if task.saved else "no")
+
+    async def _step(self, plan: StepPlan, closed: list[int], text: list[tuple[Task, int]]
+                    ) -> StepResult:
+        """Run ``plan`` in a worker thread; meanwhile publish the previous step's ``text``.
+
+        The thread is started before the text is published (trio's ``to_thread`` would
+        start it only once this task yields), and waited for even when cancelled: the
+        driver must not be closed under a running step."""
+        await trio.lowlevel.checkpoint_if_cancelled()  # the wait below is shielded
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: list[outcome.Outcome[StepResult]] = []
+
+        def deliver(result: outcome.Outcome[StepResult]) -> None:
+            box.append(result)
+            token.run_sync_soon(done.set)
+
+        trio.lowlevel.start_thread_soon(lambda: self._run(plan, closed), deliver,
+                                        name="axfs step")
+        if text:
+            self._publish(text)
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        return box[0].unwrap()
 
     def _run(self, plan: StepPlan, closed: list[int]) -> StepResult:
         """In the worker thread: set preempted sequences aside, clear freed slots, set up
@@ -167,9 +216,15 @@ class Engine:
         result.step_s = time.perf_counter() - start
         return result
 
-    def _apply(self, plan: StepPlan, result: StepResult) -> None:
+    def _apply(self, plan: StepPlan, result: StepResult) -> list[tuple[Task, int]]:
+        """The first pass over a step's results (see the module's docstring); returns the
+        tokens whose text is still to publish."""
         for task, _, _ in plan.preempted:
             task.saved = result.saved.get(task.id)
+            if task.finished:  # its text reached a stop string while it was set aside
+                self.swap.discard(task.saved)
+                task.saved = None
+                continue
             where = self.swap.where(task.saved)
             if where:
                 self.trace.emit("swap_out", task.id, task.uid, to=where,
@@ -181,39 +236,65 @@ class Engine:
         self._learn(plan, result)
         if result.error:
             self._step_failed(plan, result.error)
-            return
+            return []
         if len(plan.owners) == 1:
             for task in plan.owners.values():
                 task.isolate = False  # it ran alone and the step worked
         if result.aborted:
             self.num_aborted += 1
             self.trace.emit("abort_step", tokens=plan.num_tokens, ms=round(result.step_s * 1000, 1))
-            return
+            return []
         self.num_steps += 1
         self.num_tokens += plan.num_tokens
+        now = time.time()
+        batch = len(plan.pieces)
+        grow, charge, is_eog = self.scheduler.kv.grow, self.scheduler.charge, self.driver.is_eog
+        sampled = result.sampled
+        text: list[tuple[Task, int]] = []
         for piece in plan.pieces:
-            task = plan.owners[piece.seq]
-            if task.finished or task.seq != piece.seq:
+            seq, n = piece.seq, len(piece.tokens)
+            task = plan.owners[seq]
+            if task.finished or task.seq != seq:
                 continue  # killed while the step ran
-            prefill = len(piece.tokens) > 1 or task.num_cached < len(task.prompt_tokens)
-            task.mark_step("prefill" if prefill else "decode", len(plan.pieces), len(piece.tokens))
-            task.num_cached += len(piece.tokens)
-            self.scheduler.kv.grow(piece.seq, len(piece.tokens))
-            self.scheduler.charge(task, len(piece.tokens))
+            prefill = n > 1 or task.num_cached < len(task.prompt_tokens)
+            task.mark_step("prefill" if prefill else "decode", batch, n, now)
+            task.num_cached += n
+            grow(seq, n)
+            charge(task, n)
             if prefill:
-                self.trace.emit("prefill", task.id, task.uid, tokens=len(piece.tokens),
+                self.trace.emit("prefill", task.id, task.uid, tokens=n,
                                 done=task.num_cached, of=task.num_history)
-            token = result.sampled.get(piece.seq)
+            token = sampled.get(seq)
             if token is None:
                 continue
             first = not task.output_tokens
-            task.add_token(token, self.driver.piece(token), self.driver.is_eog(token),
-                           limit_reached=task.num_history + 1 > task.kv_reserved)
+            task.take(token, now)
             if first:
                 note_first_token(self.trace, task)
+            ending = task.ends_with(is_eog(token), task.num_history + 1 > task.kv_reserved)
+            if not ending:
+                text.append((task, token))
+                continue
+            if ending == "eos":
+                task.finish(State.DONE, "eos")
+            elif not task.add_piece(self.driver.piece(token)):
+                task.finish(State.DONE, ending)
+            note_done(self.trace, task, task.finish_reason)
+            self.end(task, task.state, task.finish_reason)
+        return text
+
+    def _publish(self, text: list[tuple[Task, int]]) -> None:
+        """The second pass: each token's text, stop strings, one wake-up for each stream."""
+        piece = self.driver.piece
+        now = time.time()
+        for task, token in text:
             if task.finished:
-                note_done(self.trace, task, task.finish_reason)
-                self.end(task, task.state, task.finish_reason)
+                continue  # killed, or stopped by an earlier token of the same step
+            if task.add_piece(piece(token)):
+                note_done(self.trace, task, "stop")
+                self.end(task, task.state, "stop")
+            else:
+                task.notify(now)
 
     def _step_failed(self, plan: StepPlan, error: str) -> None:
         """A step failed. Alone in it, the task fails with the reason; with others, each

@@ -72,6 +72,7 @@ class Task:
         self._held = ""  # decoded text not yet published: it may begin a stop string
         self.updated_at = self.created_at
         self._changed = trio.Event()
+        self._watched = False  # someone took ``changed`` since the last notify
 
     # -- derived -------------------------------------------------------------------
 
@@ -116,32 +117,38 @@ class Task:
         base = self.submitted_at or self.created_at
         self.timeline.append((round((time.time() - base) * 1000, 1), event, details))
 
-    def mark_step(self, kind: str, batch: int, tokens: int) -> None:
-        """Count one step it ran in: consecutive steps of one kind share a timeline entry."""
-        now = round((time.time() - (self.submitted_at or self.created_at)) * 1000, 1)
+    def mark_step(self, kind: str, batch: int, tokens: int, now: float | None = None) -> None:
+        """Count one step it ran in (ended at ``now``, time.time()): consecutive steps of
+        one kind share a timeline entry."""
+        at = round(((now or time.time()) - (self.submitted_at or self.created_at)) * 1000, 1)
         last = self.timeline[-1] if self.timeline else None
         if last is not None and last[1] == kind:
             d = last[2]
-            d["until_ms"] = now
+            d["until_ms"] = at
             d["steps"] += 1
             d["tokens"] += tokens
-            d["batch_min"] = min(d["batch_min"], batch)
-            d["batch_max"] = max(d["batch_max"], batch)
+            if batch < d["batch_min"]:
+                d["batch_min"] = batch
+            elif batch > d["batch_max"]:
+                d["batch_max"] = batch
             return
-        self.timeline.append((now, kind, {"until_ms": now, "steps": 1, "tokens": tokens,
-                                          "batch_min": batch, "batch_max": batch}))
+        self.timeline.append((at, kind, {"until_ms": at, "steps": 1, "tokens": tokens,
+                                         "batch_min": batch, "batch_max": batch}))
 
     # -- waking readers ------------------------------------------------------------
 
     @property
     def changed(self) -> trio.Event:
         """An event set at the next change; take it before checking, then wait on it."""
+        self._watched = True
         return self._changed
 
-    def notify(self) -> None:
-        self.updated_at = time.time()
-        event, self._changed = self._changed, trio.Event()
-        event.set()
+    def notify(self, now: float | None = None) -> None:
+        self.updated_at = now or time.time()
+        if self._watched:  # a new event only when someone may wait on the old one
+            self._watched = False
+            event, self._changed = self._changed, trio.Event()
+            event.set()
 
     # -- transitions -----------------------------------------------------------------
 
@@ -204,27 +211,54 @@ class Task:
 
     def add_token(self, token: int, piece: bytes, eog: bool, limit_reached: bool) -> None:
         """Apply one sampled token: end of generation, text, stop strings, limits."""
-        if not self.output_tokens:
-            self.first_token_at = time.time()
-        self.output_tokens.append(token)
-        if eog:
+        self.take(token, time.time())
+        ending = self.ends_with(eog, limit_reached)
+        if ending == "eos":
             self.finish(State.DONE, "eos")
-            return
-        self._held += self._decoder.decode(piece)
+        elif not self.add_piece(piece):
+            if ending:
+                self.finish(State.DONE, ending)
+            else:
+                self.notify()
+
+    # The engine applies a step in two passes (see Engine): ``take`` and ``ends_with``
+    # for every token at once, then the text (``add_piece``), which may wait for the
+    # next step to be under way.
+
+    def take(self, token: int, now: float) -> None:
+        """Count one sampled token (its text comes with ``add_piece``)."""
+        if not self.output_tokens:
+            self.first_token_at = now
+        self.output_tokens.append(token)
+
+    def ends_with(self, eog: bool, limit_reached: bool) -> str:
+        """Why the token just taken ends the task, known without its text: "eos",
+        "length", "context", or "" (a stop string is found only in the text)."""
+        if eog:
+            return "eos"
+        if len(self.output_tokens) >= self.config.max_tokens:
+            return "length"
+        return "context" if limit_reached else ""
+
+    def add_piece(self, piece: bytes) -> bool:
+        """Publish a token's text, less what may begin a stop string; True when a stop
+        string was found (the task is then done, its text cut before it)."""
+        held = self._held + self._decoder.decode(piece)
+        if not self.config.stop:
+            if held:
+                self.output += held.encode("utf-8")
+                self._held = ""
+            return False
+        self._held = held
         cut = self._stop_at()
         if cut is not None:
             self._held = self._held[:cut]
             self.finish(State.DONE, "stop")
-            return
+            return True
         keep = self._stop_prefix_len()
         self._publish(self._held[: len(self._held) - keep])
         self._held = self._held[len(self._held) - keep :]
-        if self.num_generated >= self.config.max_tokens:
-            self.finish(State.DONE, "length")
-        elif limit_reached:
-            self.finish(State.DONE, "context")
-        else:
-            self.notify()
+        return False
 
     def add_text(self, text: str) -> None:
         """Apply a streamed piece of text from a remote engine, which applies the stop

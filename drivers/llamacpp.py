@@ -187,6 +187,8 @@ class LlamaCppDriver:
         self._samplers: dict[int, ctypes.c_void_p] = {}
         self._greedy: set[int] = set()  # sequences sampled by argmax of the logits
         self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+        self._pieces: dict[int, bytes] = {}  # token -> its bytes, as tokens are first seen
+        self._eog: dict[int, bool] = {}  # token -> whether it ends generation
         template = lc.llama_model_chat_template(model, None)
         self.chat_template = template.decode("utf-8", "replace") if template else ""
         n_layer = lc.llama_model_n_layer(model)
@@ -287,6 +289,15 @@ class LlamaCppDriver:
             cap = -n
 
     def piece(self, token: int) -> bytes:
+        # Every generated token passes here: a table filled as tokens are first seen
+        # saves a ctypes buffer and a foreign call per token (a whole table at load
+        # would take a second for Gemma's 262,144 tokens).
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._token_to_piece(token)
+        return piece
+
+    def _token_to_piece(self, token: int) -> bytes:
         cap = 64
         while True:
             buf = ctypes.create_string_buffer(cap)
@@ -296,7 +307,10 @@ class LlamaCppDriver:
             cap = -n
 
     def is_eog(self, token: int) -> bool:
-        return bool(lc.llama_vocab_is_eog(self._vocab, token))
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(lc.llama_vocab_is_eog(self._vocab, token))
+        return eog
 
     # -- sequences -----------------------------------------------------------------
 

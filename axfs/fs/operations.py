@@ -57,11 +57,16 @@ ERRNO: dict[type[AxfsError], int] = {
 TASK_FILES = ("prompt", "stream", "status", "config", "ctl", "fork", "error")
 WRITABLE = frozenset({"prompt", "config", "ctl", "fork"})
 POLL_SECONDS = 0.2  # a blocked reader checks its signals this often
-# A reader that comes back within this long of its last read (a fast model: a GPU) waits
-# the rest of it for more text, so that one read carries several tokens: each read is a
-# FUSE request answered by the one Python thread, and at one per token they cap a tree
-# at a few thousand tokens a second. Slower streams are never held back.
-COALESCE_S = 0.01
+# Reads of streams, all streams together, the tree aims to answer each second at most.
+# Each read is a FUSE request answered by the one Python thread (about 0.1 ms of it
+# here), and at one read per token a fast model (a GPU) would spend the tree on them. So
+# a reader that comes back sooner than its share of this rate (open streams / rate; 0.5 ms
+# for one stream, 32 ms for 64) waits the rest of its share for more text, and one read
+# carries every token that came meanwhile. A first read, and a read whose last answer is
+# older than its share (a stream slower than that), is answered as soon as there is text:
+# only text that is flowing fast is held back, and by no more than MAX_HOLD_S.
+STREAM_READS_PER_S = 2000.0
+MAX_HOLD_S = 0.05
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -149,6 +154,7 @@ class Operations(pyfuse3.Operations):
         self._inodes: dict[Node, int] = {ROOT: pyfuse3.ROOT_INODE}
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: ROOT}
         self._handles: dict[int, Handle] = {}
+        self._streams = 0  # open stream files (see STREAM_READS_PER_S)
         self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
         self._dir_uid: dict[int, int] = {}
         self._next_fh = 1
@@ -550,6 +556,8 @@ class Operations(pyfuse3.Operations):
             raise _fail(errno.EACCES)
         h = Handle(node, task, ctx.pid, ctx.uid, ctx.gid)
         live = node.kind == "trace" or node.file == "stream"
+        if node.file == "stream":
+            self._streams += 1
         if not live and node.kind != "new":
             h.data = self._content(node, ctx.uid)
         fh = self._new_fh()
@@ -593,7 +601,8 @@ class Operations(pyfuse3.Operations):
         while True:
             changed = task.changed
             if len(task.output) > off or task.finished or task.state is State.DRAFT:
-                hold = h.last_read + COALESCE_S - trio.current_time()
+                share = min(MAX_HOLD_S, self._streams / STREAM_READS_PER_S)
+                hold = h.last_read + share - trio.current_time()
                 if hold > 0 and not task.finished and len(task.output) - off < size:
                     with trio.move_on_after(hold):
                         while not task.finished and len(task.output) - off < size:
@@ -699,6 +708,8 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
+        if h is not None and h.node.file == "stream":
+            self._streams -= 1
         if h is not None:
             with contextlib.suppress(AxfsError, OSError):
                 await self._finish_copy(h)
