@@ -66,7 +66,8 @@ class Kernel:
                  keeper: Keeper | None = None, cache_limit: int | None = None,
                  quota: Quota | None = None, registry: Registry | None = None,
                  loader: Loader | None = None, sha_of: Callable[[str], str] | None = None,
-                 idle_unload_s: float = 0.0, copy_dir: Path | None = None) -> None:
+                 idle_unload_s: float = 0.0, copy_dir: Path | None = None,
+                 overlap: bool = True) -> None:
         self.trace = trace or Trace()
         self.keeper = keeper
         self.registry = registry or Registry()
@@ -75,7 +76,7 @@ class Kernel:
         self.idle_unload_s = idle_unload_s
         self.copy_dir = copy_dir  # where `cp FILE models/` puts its copies
         self.options = LocalOptions(policy, prefix_cache, cache_limit,
-                                    swap.mem_limit if swap else 512 << 20)
+                                    swap.mem_limit if swap else 512 << 20, overlap)
         self._swap_dir = swap.directory if swap else None
         self.runtimes: dict[str, Runtime] = {}
         self._scopes: dict[str, trio.CancelScope] = {}

@@ -57,6 +57,7 @@ class LocalOptions:
     prefix_cache: bool = True
     cache_limit: int | None = None
     swap_mem: int = 512 << 20
+    overlap: bool = True  # see axfs.engine
 
 
 class LocalRuntime:
@@ -72,7 +73,8 @@ class LocalRuntime:
                             prefix_cache=options.prefix_cache, cache_limit=options.cache_limit)
         self.seq_limit: int | None = self.kv.seq_limit
         self.scheduler = Scheduler(self.kv, shape.n_batch, make_policy(options.policy))
-        self.engine = Engine(driver, self.scheduler, trace, swap or SwapSpace(options.swap_mem, None))
+        self.engine = Engine(driver, self.scheduler, trace, swap or SwapSpace(options.swap_mem, None),
+                             overlap=options.overlap)
         self.engine.swap.on_error = lambda task_id, why: trace.emit("error", task_id, reason=why)
         self.engine.on_end = self._ended
         self.on_end: Callable[[Task], None] | None = None

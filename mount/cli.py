@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a per-user limit: tasks, prompt_bytes, max_tokens, tokens_per_hour")
     m.add_argument("--prefix-cache", choices=["on", "off"], default="on",
                    help="keep ended tasks' KV for prompts that begin the same way")
+    m.add_argument("--overlap", choices=["on", "off"], default="on",
+                   help="publish a step's text while the model computes the next step")
     m.add_argument("--cache-cells", type=int, metavar="CELLS",
                    help="KV cells of ended tasks kept for the prefix cache, at most (default ctx/4)")
     m.add_argument("--swap-mem", type=int, default=512, metavar="MIB",
@@ -159,7 +161,8 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
                         keep_tasks=args.keep_tasks, keep_days=args.keep_days,
                         journal=args.journal == "on", cache_cells=args.cache_cells,
                         gpu_layers=None if args.gpu_layers == "auto" else int(args.gpu_layers),
-                        idle_unload=args.idle_unload, remote=tuple(args.remote))
+                        idle_unload=args.idle_unload, remote=tuple(args.remote),
+                        overlap=args.overlap == "on")
     try:
         return serve(opts, ready)
     finally:
@@ -175,7 +178,8 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
             "--slots", str(args.slots), "--batch", str(args.batch),
             "--repack", args.repack, "--policy", args.policy, "--log-level", args.log_level,
             "--prefix-cache", args.prefix_cache, "--swap-mem", str(args.swap_mem),
-            "--keep-tasks", str(args.keep_tasks), "--keep-days", str(args.keep_days),
+            "--overlap", args.overlap, "--keep-tasks", str(args.keep_tasks),
+            "--keep-days", str(args.keep_days),
             "--journal", args.journal, "--gpu-layers", args.gpu_layers,
             "--idle-unload", str(args.idle_unload),
             *(["--cache-cells", str(args.cache_cells)] if args.cache_cells is not None else []),

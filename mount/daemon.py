@@ -63,6 +63,7 @@ class MountOptions:
     gpu_layers: int | None = None  # the default model's; None: its models/NAME/ctl setting, else auto
     idle_unload: float = 600.0  # seconds a model other than the default stays loaded idle (0: never)
     remote: tuple[str, ...] = ()  # --remote values, "NAME=URL[,URL...]"
+    overlap: bool = True  # a step's text is published while the next step runs
 
 
 def prepare_mountpoint(mountpoint: Path) -> None:
@@ -114,7 +115,8 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
                         swap=SwapSpace(opts.swap_mem, opts.state_dir / "swap"), keeper=keeper,
                         quota=quota, registry=registry, loader=loader,
                         sha_of=lambda path: file_sha256(Path(path), opts.state_dir),
-                        idle_unload_s=opts.idle_unload, copy_dir=opts.state_dir / "models")
+                        idle_unload_s=opts.idle_unload, copy_dir=opts.state_dir / "models",
+                        overlap=opts.overlap)
         ops = Operations(kernel, multi_user=opts.multi_user)
         options = set(pyfuse3.default_options) | {"fsname=axfs", "subtype=axfs"}
         if opts.allow_other or opts.multi_user:
