@@ -33,7 +33,12 @@ from drivers.llamacpp import LlamaCppDriver
 
 log = logging.getLogger(__name__)
 
-MAX_FUSE_REQUESTS = 4096  # blocked stream readers each hold one; see DESIGN.md
+MAX_FUSE_REQUESTS = 4096  # blocked stream readers each hold one worker task
+# Idle worker tasks pyfuse3 keeps. It ends a worker that finishes a request while more
+# than this many wait for the next one, and starts one when none waits: with the default
+# handful, every stream read of a busy tree (each parks its worker until text comes)
+# started and ended a trio task. Idle ones cost a few hundred bytes each.
+IDLE_FUSE_WORKERS = 512
 
 
 class MountError(Exception):
@@ -190,7 +195,7 @@ async def _main(kernel: Kernel, ready: Callable[[str], None]) -> None:
         nursery.start_soon(kernel.run)
         nursery.start_soon(_on_signals)
         ready("ready")
-        await pyfuse3.main(min_tasks=4, max_tasks=MAX_FUSE_REQUESTS)
+        await pyfuse3.main(min_tasks=IDLE_FUSE_WORKERS, max_tasks=MAX_FUSE_REQUESTS)
         nursery.cancel_scope.cancel()
 
 

@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Coroutine
@@ -132,18 +133,19 @@ class Handle:
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")())
 
 
+_SIGNAL_MASKS = re.compile(rb"^(SigPnd|ShdPnd|SigBlk):\s*([0-9a-f]+)", re.MULTILINE)
+
+
 def signal_pending(pid: int) -> bool:
     """Whether thread ``pid`` has a deliverable signal pending (or is gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        with open(f"/proc/{pid}/status", "rb") as f:
+            masks = {k: int(v, 16) for k, v in _SIGNAL_MASKS.findall(f.read())}
     except OSError:
         return True
-    try:
-        pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
-        return bool(pending & ~int(fields["SigBlk"], 16))
-    except (KeyError, ValueError):
+    if len(masks) < 3:
         return False
+    return bool((masks[b"SigPnd"] | masks[b"ShdPnd"]) & ~masks[b"SigBlk"])
 
 
 class Operations(pyfuse3.Operations):
