@@ -167,6 +167,20 @@ class KVManager:
                 best = (slot, n)
         return best[0], best[1], pending
 
+    def prefix_pending(self, task: Task) -> bool:
+        """Whether ``task`` should wait for a prefix a running task is still computing
+        (then ``plan`` says None for it, however much room there is)."""
+        if not self._may_share(task):
+            return False
+        _, prefix, pending = self._best_prefix(task)
+        return pending - (prefix if prefix >= MIN_PREFIX else 0) >= WAIT_GAIN
+
+    def _may_share(self, task: Task) -> bool:
+        """Whether ``task`` may start from another sequence's prefix: it holds no KV yet,
+        is not about to get its own back from a saved state, and is not a replay."""
+        restoring = isinstance(task.saved, SeqState) and task.saved.kv is not None
+        return self.prefix_cache and task.num_cached == 0 and not restoring and not task.exclusive
+
     # -- admission: plan, then commit --------------------------------------------------
 
     def plan(self, task: Task, pinned: set[int] | frozenset[int] = frozenset()
@@ -176,8 +190,7 @@ class KVManager:
         sources of this step's earlier copies) are never evicted."""
         need = self.need(task)
         source, prefix = None, 0
-        restoring = isinstance(task.saved, SeqState) and task.saved.kv is not None
-        if self.prefix_cache and task.num_cached == 0 and not restoring and not task.exclusive:
+        if self._may_share(task):
             source, prefix, pending = self._best_prefix(task)
             if prefix < MIN_PREFIX:
                 source, prefix = None, 0

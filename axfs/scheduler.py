@@ -150,7 +150,11 @@ class Scheduler:
             if task.seq is not None:
                 continue
             adm = self.kv.plan(task, pinned)
-            if adm is None and task in wanted and self._make_room(task, ranked, wanted, plan, pinned):
+            # Room is made only for a task that lacks room, not for one that waits for a
+            # prefix a running task computes: preempting that task would throw away the
+            # very prefix it waits for (and the next in line would start it again).
+            if (adm is None and task in wanted and not self.kv.prefix_pending(task)
+                    and self._make_room(task, ranked, wanted, plan, pinned)):
                 adm = self.kv.plan(task, pinned)
             if adm is None:
                 self.waiting_for_memory += 1

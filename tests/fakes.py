@@ -7,8 +7,11 @@ tests can predict every byte of a stream. Token 0 is the end-of-generation token
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+
+import trio
 
 from drivers.base import (
     ContextShape,
@@ -122,3 +125,43 @@ class FakeDriver:
 
     def close(self) -> None:
         self.open.clear()
+
+
+class GatedDriver(FakeDriver):
+    """A step runs only once the test has opened the gate for it."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.gate = threading.Semaphore(0)
+        self.entered = threading.Semaphore(0)
+
+    def step(self, pieces: list[Piece]) -> dict[int, int]:
+        self.entered.release()
+        self.gate.acquire()
+        return super().step(pieces)
+
+
+async def step_in_flight(driver: GatedDriver) -> None:
+    """Wait until the engine is inside a step (held at the gate)."""
+    with trio.fail_after(5):
+        while not driver.entered.acquire(blocking=False):
+            await trio.sleep(0.001)
+
+
+async def run_steps(driver: GatedDriver, n: int) -> None:
+    for _ in range(n):
+        await step_in_flight(driver)
+        driver.gate.release()
+
+
+async def settle(driver: GatedDriver, done: Callable[[], bool]) -> None:
+    """Let steps run until ``done`` holds and the engine is idle."""
+    with trio.fail_after(5):
+        while not done():
+            if driver.entered.acquire(blocking=False):
+                driver.gate.release()
+            await trio.sleep(0.001)
+        for _ in range(3):  # steps that clear freed slots
+            if driver.entered.acquire(blocking=False):
+                driver.gate.release()
+            await trio.sleep(0.01)

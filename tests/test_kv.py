@@ -14,7 +14,7 @@ from axfs.kernel import Kernel
 from axfs.kv import WAIT_GAIN, KVManager, common_prefix
 from axfs.swap import SwapSpace
 from axfs.task import State, Task
-from tests.fakes import FakeDriver
+from tests.fakes import FakeDriver, GatedDriver, run_steps, settle
 from tests.test_sched import run_until, start
 
 
@@ -124,6 +124,27 @@ async def test_a_task_waits_for_a_prefix_another_is_computing(kernel: Kernel) ->
     b = await start(kernel, 2, system + "b", max_tokens=3, temperature=0)
     await run_until(kernel, lambda: a.finished and b.finished)
     assert 200 - WAIT_GAIN < b.prefix_reused <= 200 and a.prefix_reused == 0
+
+
+async def test_a_burst_waits_for_its_prefix_instead_of_preempting_the_task_computing_it() -> None:
+    # Tasks that arrive while the first computes the shared text rank above it once it has
+    # been charged for it. Each lacks room for a whole copy of the text (3,000 cells), but
+    # needs none: it must wait for the prefix, not preempt the task computing it (the next
+    # in line then started the shared text over, 64 tokens at a time, round after round).
+    driver = GatedDriver(n_seq_max=4, n_ctx=3000, n_batch=64)
+    k = Kernel(driver)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.run)
+        shared = "x" * 2000
+        first = await start(k, 1, shared + "a", max_tokens=3, temperature=0)
+        await run_steps(driver, 3)
+        burst = [await start(k, 1, shared + c, max_tokens=3, temperature=0) for c in "bcdefg"]
+        await settle(driver, lambda: all(t.finished for t in [first, *burst]))
+        nursery.cancel_scope.cancel()
+    assert first.prefix_reused == 0
+    assert all(t.prefix_reused >= 2000 - WAIT_GAIN for t in burst)
+    fed = sum(len(p.tokens) for step in driver.steps for p in step)
+    assert fed < 2000 + 7 * (WAIT_GAIN + 4)
 
 
 async def test_prefix_cache_off_copies_nothing() -> None:

@@ -5,56 +5,14 @@ nothing here depends on timing."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
 
 from axfs.kernel import Kernel
 from axfs.task import State, Task
-from drivers.base import Piece
-from tests.fakes import FakeDriver
-
-
-class GatedDriver(FakeDriver):
-    """A step runs only once the test has opened the gate for it."""
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.gate = threading.Semaphore(0)
-        self.entered = threading.Semaphore(0)
-
-    def step(self, pieces: list[Piece]) -> dict[int, int]:
-        self.entered.release()
-        self.gate.acquire()
-        return super().step(pieces)
-
-
-async def step_in_flight(driver: GatedDriver) -> None:
-    """Wait until the engine is inside a step (held at the gate)."""
-    with trio.fail_after(5):
-        while not driver.entered.acquire(blocking=False):
-            await trio.sleep(0.001)
-
-
-async def run_steps(driver: GatedDriver, n: int) -> None:
-    for _ in range(n):
-        await step_in_flight(driver)
-        driver.gate.release()
-
-
-async def settle(k: Kernel, driver: GatedDriver, done: Callable[[], bool]) -> None:
-    """Let steps run until ``done`` holds and the engine is idle."""
-    with trio.fail_after(5):
-        while not done():
-            if driver.entered.acquire(blocking=False):
-                driver.gate.release()
-            await trio.sleep(0.001)
-        for _ in range(3):  # steps that clear freed slots
-            if driver.entered.acquire(blocking=False):
-                driver.gate.release()
-            await trio.sleep(0.01)
+from tests.fakes import FakeDriver, GatedDriver, run_steps, settle, step_in_flight
 
 
 def check_kv(k: Kernel, driver: GatedDriver) -> None:
@@ -97,7 +55,7 @@ async def test_a_task_killed_while_the_next_step_runs_keeps_its_text_and_frees_i
     k.kill(task)
     assert task.state is State.KILLED and task.output == b"bcde"
     driver.gate.release()
-    await settle(k, driver, lambda: k.kv.stats().slots_running == 0)
+    await settle(driver, lambda: k.kv.stats().slots_running == 0)
     assert task.output == b"bcde" and task.num_generated == 4  # the 5th step's token is dropped
     assert k.kv.stats().slots_cached == 0  # its cells may hold that token: not cached
     check_kv(k, driver)
@@ -107,13 +65,13 @@ async def test_a_stop_string_found_while_the_next_step_runs_cuts_the_text_there(
         gated: tuple[Kernel, GatedDriver]) -> None:
     k, driver = gated
     task = await submit(k, "a", max_tokens=50, stop="de")
-    await settle(k, driver, lambda: task.finished)
+    await settle(driver, lambda: task.finished)
     assert (task.output, task.finish_reason) == (b"bc", "stop")
     # One more token ("f") was computed for it in the step under way; it is not applied.
     assert task.num_generated == 4
     check_kv(k, driver)
     other = await submit(k, "x", max_tokens=3)  # its slot is clean for the next task
-    await settle(k, driver, lambda: other.finished)
+    await settle(driver, lambda: other.finished)
     assert other.output == b"yza"
     check_kv(k, driver)
 
@@ -121,7 +79,7 @@ async def test_a_stop_string_found_while_the_next_step_runs_cuts_the_text_there(
 async def test_ends_known_without_text_take_no_extra_step(gated: tuple[Kernel, GatedDriver]) -> None:
     k, driver = gated
     task = await submit(k, "abcdefghij", max_tokens=3)
-    await settle(k, driver, lambda: task.finished)
+    await settle(driver, lambda: task.finished)
     assert (task.output, task.finish_reason) == (b"klm", "length")
     fed = [t for s in driver.steps for p in s if p.seq == 0 for t in p.tokens]
     assert bytes(fed) == b"abcdefghijkl"  # "m" is never fed: no step is spent past the end
@@ -136,7 +94,7 @@ async def test_a_task_preempted_while_its_text_is_pending_resumes_with_it(
     hogs = [await submit(k, "a", uid=1, max_tokens=12) for _ in range(4)]
     await run_steps(driver, 3)
     newcomer = await submit(k, "m", uid=2, max_tokens=4)
-    await settle(k, driver, lambda: all(t.finished for t in [*hogs, newcomer]))
+    await settle(driver, lambda: all(t.finished for t in [*hogs, newcomer]))
     assert newcomer.output == b"nopq"
     assert sum(t.num_preempted for t in hogs) >= 1
     for t in hogs:
