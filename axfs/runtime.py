@@ -42,11 +42,6 @@ class Runtime(Protocol):
 
     def is_eog(self, token: int) -> bool: ...
 
-    def _owner(self, task_id: str) -> int | str:
-        """The uid of a task this runtime holds (a trace line is its owner's: axfs.privacy)."""
-        tasks = [*self.scheduler.running, *self.scheduler.waiting]
-        return next((t.uid for t in tasks if t.id == task_id), "-")
-
     def active(self) -> int:
         """Tasks it is running or has queued."""
         ...

@@ -140,10 +140,7 @@ class Trace:
     def _end(self, seq: int, view: _Extra | None) -> int:
         """The offset just past line ``seq`` (a remembered one, or the one before them)
         in ``view`` (None: public offsets)."""
-        if seq < self._remembered:
-            end = self._forgotten_end
-        else:
-            end = self._ends[seq - self._remembered]
+        end = self._forgotten_end if seq < self._remembered else self._ends[seq - self._remembered]
         return end if view is None else end + view.through(seq)
 
     def _text(self, seq: int, who: privacy.Viewer) -> bytes:

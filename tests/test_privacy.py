@@ -73,10 +73,9 @@ def plant(m: Mount, uid: int) -> None:
     # A fork of the killed task (it inherits max_tokens 31337: killed too)
     child = run(f"exec 3<>tasks/{name}/fork; echo ' {tag}-fork-text' >&3; read c <&3; echo $c; "
                 f"echo kill > tasks/$c/ctl").stdout.strip()
-    run(f"echo {tag}-new-prompt > tasks/new")
-    new = run("readlink tasks/latest").stdout.strip()
+    new = run(f"echo {tag}-new-prompt > tasks/new; readlink tasks/latest").stdout.strip()
+    run(f"echo kill > tasks/{new}/ctl")  # ended, as a replay needs, without waiting
     m.wait_state(child, "killed", "done")
-    m.wait_state(new, "done")
     assert run(f"mkdir 'tasks/{tag}-bad-name x'", False).returncode
     assert run(f"echo '{tag}-refused-replay' > replay/{new}/ctl", False).returncode
     if uid == 0:
@@ -120,7 +119,16 @@ def test_another_user_finds_none_of_roots_secrets_and_all_of_their_own(pm: Mount
     # tasks as *.
     trace = as_user(pm, USER, "cat trace", check=True).stdout
     assert re.search(r" \* 0 submit prompt_tokens=\d+\n", trace)
-    assert re.search(r" \d+ 0 done reason=\w+ tokens=\d+ seconds=", trace)
+    assert re.search(r" \d+ 0 kill state=\w+ tokens=\d+\n", trace)
+
+
+@needs_users
+def test_the_state_directory_is_roots_only(pm: Mount) -> None:
+    """The journal, swap files and log hold every prompt: not readable by others."""
+    done = as_user(pm, USER, f"grep -r -a -l {TAGS[0]} {pm.state}")
+    assert done.returncode != 0 and "Permission denied" in done.stderr
+    assert TAGS[0] not in done.stdout
+    assert TAGS[0].encode() in (pm.state / "journal.msgpack").read_bytes()  # it is there
 
 
 @needs_users

@@ -108,7 +108,7 @@ def test_every_view_has_consistent_sizes_and_offsets() -> None:
             details = rng.choice([{}, {"text": "x" * rng.randint(0, 5)}, {"tokens": 3}])
             t.emit(rng.choice(["config", "done"]), rng.choice(["1", "ab", "-"]),
                    rng.choice([0, 5, 7, "-"]), **details)
-            made.append(t._lines[-1])  # type: ignore[arg-type]
+            made.append(t._lines[-1])
         _views_agree(t, made, max_lines)
 
 
@@ -125,7 +125,7 @@ def test_a_user_that_fell_behind_gets_the_notice_and_their_own_view_after_it() -
         "9 0 config", "10 5 config text=text10", "11 0 config"]
     assert end == t.size_for(5) and t.read_for(end, 100, 5) == (b"", end)
     # Long after, with the oldest ends forgotten: "at least" that many.
-    for i in range(100):
+    for _ in range(100):
         t.emit("config", "x", 0, text="t")
     assert " trace_dropped lines=" in t.read_for(pos, 1 << 20, 5)[0].decode().split("\n")[0]
     assert "+ " in t.read_for(0, 1 << 20, 5)[0].decode().split("\n")[0]
