@@ -294,8 +294,7 @@ class Kernel:
 
     @contextlib.contextmanager
     def _refused(self, name: str, uid: int | str) -> Iterator[None]:
-        """Record why a change to models/ by ``uid`` was refused (the trace: the reason
-        quotes what they wrote, so the line is theirs) and let it through."""
+        """Record why a change to models/ by ``uid`` was refused (the trace) and let it through."""
         try:
             yield
         except AxfsError as e:

@@ -255,14 +255,10 @@ class Operations(pyfuse3.Operations):
         entry = self.kernel.registry.entries.get(name)
         return entry.path if entry else ""
 
-    def _task_ids(self, uid: int) -> list[str]:
-        """The tasks a listing shows ``uid`` (axfs.privacy: on a multi-user tree, theirs)."""
-        who = self._viewer(uid)
+    def _task_ids(self, uid: int) -> list[str]:  # on a multi-user tree, uid's (axfs.privacy)
+        who = privacy.viewer(self.multi_user, uid)
         ids = [i for i, t in self.kernel.tasks.items() if privacy.sees_task(who, t.uid)]
         return sorted(ids, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))
-
-    def _viewer(self, uid: int) -> privacy.Viewer:
-        return privacy.viewer(self.multi_user, uid)
 
     # -- attributes ----------------------------------------------------------------
 
@@ -366,7 +362,7 @@ class Operations(pyfuse3.Operations):
     def _size(self, node: Node, uid: int) -> int:
         """A regular file's size now, without copying a stream or rendering the trace."""
         if node.kind == "trace":
-            return self.kernel.trace.size_for(self._viewer(uid))
+            return self.kernel.trace.size_for(privacy.viewer(self.multi_user, uid))
         if node.kind == "task_file" and node.file == "stream":
             return len(self._task(node).output)
         return len(self._content(node, uid))
@@ -576,7 +572,7 @@ class Operations(pyfuse3.Operations):
         h = self._handle(fh)
         node = h.node
         if node.kind == "trace":
-            data, end = self.kernel.trace.read_for(off + h.skew, size, self._viewer(h.uid))
+            data, end = self.kernel.trace.read_for(off + h.skew, size, privacy.viewer(self.multi_user, h.uid))
             h.skew = end - (off + len(data))
             return data
         if node.kind == "new" or node.file == "fork":
