@@ -25,6 +25,7 @@ PUBLIC_KEYS = frozenset({
 # same key carries text (a refusal's ``reason`` quotes the line that was refused).
 PUBLIC_IN_EVENT = {"done": frozenset({"reason"}), "remove": frozenset({"reason"}),
                    "swap_out": frozenset({"to"})}
+_ALLOWED = {event: PUBLIC_KEYS | keys for event, keys in PUBLIC_IN_EVENT.items()}
 NAMED = "*"  # what others see in place of a task name chosen with mkdir
 
 
@@ -56,11 +57,10 @@ def public_line(event: str, task: str, uid: int | str, details: dict[str, object
     A line without a uid is the system's (model loads, the journal) and keeps its
     details; one that names a task anyway keeps them from all but root, since whose
     task it is cannot be told."""
-    task_shown = shown_id(task)
     if uid == "-" and task == "-":
         return None
-    allowed = PUBLIC_KEYS | PUBLIC_IN_EVENT.get(event, frozenset())
-    kept = {k: v for k, v in details.items() if k in allowed}
-    if task_shown == task and len(kept) == len(details):
+    task_shown = shown_id(task)
+    allowed = _ALLOWED.get(event, PUBLIC_KEYS)
+    if task_shown == task and allowed.issuperset(details):
         return None
-    return task_shown, kept
+    return task_shown, {k: v for k, v in details.items() if k in allowed}

@@ -53,9 +53,9 @@ class _Extra:
     base: int = 0  # the total of entries forgotten (older than every remembered line)
 
     def add(self, seq: int, extra: int) -> None:
-        total = self.through(seq) + extra
+        """Line ``seq``, newer than every line added before, adds ``extra`` bytes."""
         self.seqs.append(seq)
-        self.totals.append(total)
+        self.totals.append((self.totals[-1] if self.totals else self.base) + extra)
 
     def through(self, seq: int) -> int:
         """The bytes added by lines up to ``seq``, included."""
@@ -102,14 +102,15 @@ class Trace:
         """Add ``time task uid event key=value...``; values with spaces are quoted."""
         stamp = _stamp()
         line = _line(stamp, event, task, uid, details)
-        log.debug("trace: %s", line.decode().rstrip())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("trace: %s", line.decode().rstrip())
         public = privacy.public_line(event, task, uid, details)
         short = line if public is None else _line(stamp, event, public[0], uid, public[1])
         owner = uid if isinstance(uid, int) else SYSTEM
         seq = self._next
         self._next += 1
         self._lines.append((line, short, owner))
-        self._ends.append(self._end(seq - 1, None) + len(short))
+        self._ends.append((self._ends[-1] if self._ends else self._forgotten_end) + len(short))
         if len(short) != len(line):
             self._extra[None].add(seq, len(line) - len(short))
             if owner != SYSTEM:
