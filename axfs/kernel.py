@@ -294,17 +294,17 @@ class Kernel:
     # -- registering models (models/) -------------------------------------------------
 
     @contextlib.contextmanager
-    def _refused(self, name: str) -> Iterator[None]:
-        """Record why a change to models/ was refused (the trace) and let it through."""
+    def _refused(self, name: str, uid: int | str) -> Iterator[None]:
+        """Record why a change to models/ by ``uid`` was refused (the trace) and let it through."""
         try:
             yield
         except AxfsError as e:
-            self.trace.emit("reject", model=name, reason=str(e))
+            self.trace.emit("reject", "-", uid, model=name, reason=str(e))
             raise
 
-    def register(self, name: str, path: str, copied: bool = False) -> ModelEntry:
+    def register(self, name: str, path: str, copied: bool = False, uid: int | str = "-") -> ModelEntry:
         """``ln -s FILE models/NAME``, or the end of ``cp FILE models/``."""
-        with self._refused(name):
+        with self._refused(name, uid):
             self.registry.check_new(name)
             if not os.path.isabs(path):
                 raise BadInput(f"{path}: the link must be an absolute path")
@@ -318,9 +318,9 @@ class Kernel:
             self.defaults.model = self.registry.default
             return entry
 
-    def begin_copy(self, filename: str) -> ModelCopy:
+    def begin_copy(self, filename: str, uid: int | str = "-") -> ModelCopy:
         """``cp FILE models/``: the copy is written into the state directory."""
-        with self._refused(filename):
+        with self._refused(filename, uid):
             if self.copy_dir is None:
                 raise BadInput("this mount keeps no model copies (no state directory)")
             name = self.registry.check_new(name_for_file(filename))
@@ -333,26 +333,26 @@ class Kernel:
         if copy.size // COPY_TRACE_BYTES > before // COPY_TRACE_BYTES:
             self.trace.emit("model_copy", model=copy.name, bytes=copy.size)
 
-    def register_copy(self, copy: ModelCopy) -> ModelEntry:
+    def register_copy(self, copy: ModelCopy, uid: int | str = "-") -> ModelEntry:
         """A finished copy (``ModelCopy.finish``): registered if it is a model file."""
         try:
-            return self.register(copy.name, str(copy.final), copied=True)
+            return self.register(copy.name, str(copy.final), copied=True, uid=uid)
         except AxfsError as e:
             copy.abort()
             why = f"copy of model {copy.name} refused: {e}"
-            self.trace.emit("error", model=copy.name, reason=why)
+            self.trace.emit("error", "-", uid, model=copy.name, reason=why)
             raise BadInput(why) from e
 
-    def add_remote(self, name: str) -> ModelEntry:
+    def add_remote(self, name: str, uid: int | str = "-") -> ModelEntry:
         """``mkdir models/NAME``: a model whose endpoints are written to its ctl next."""
-        with self._refused(name):
+        with self._refused(name, uid):
             entry = self.registry.add(ModelEntry(self.registry.check_new(name)))
             self.trace.emit("model_add", model=name, remote="yes")
             return entry
 
-    def unregister(self, name: str) -> None:
+    def unregister(self, name: str, uid: int | str = "-") -> None:
         """``rm -r models/NAME``: refused while tasks use it."""
-        with self._refused(name):
+        with self._refused(name, uid):
             if name not in self.registry.entries:
                 raise NotFound(f"no model named {name!r}")
             busy = self.in_use(name)
@@ -366,9 +366,9 @@ class Kernel:
             self.defaults.model = self.registry.default
             self.trace.emit("model_remove", model=name)
 
-    def model_control(self, name: str, text: str) -> None:
+    def model_control(self, name: str, text: str, uid: int | str = "-") -> None:
         """One command written to models/NAME/ctl."""
-        with self._refused(name):
+        with self._refused(name, uid):
             entry = self.registry.entries.get(name)
             if entry is None:
                 raise NotFound(f"no model named {name!r}")

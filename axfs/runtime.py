@@ -75,7 +75,8 @@ class LocalRuntime:
         self.scheduler = Scheduler(self.kv, shape.n_batch, make_policy(options.policy))
         self.engine = Engine(driver, self.scheduler, trace, swap or SwapSpace(options.swap_mem, None),
                              overlap=options.overlap)
-        self.engine.swap.on_error = lambda task_id, why: trace.emit("error", task_id, reason=why)
+        self.engine.swap.on_error = lambda task_id, why: trace.emit(
+            "error", task_id, self._owner(task_id), reason=why)
         self.engine.on_end = self._ended
         self.on_end: Callable[[Task], None] | None = None
         self.last_used = time.monotonic()
@@ -103,6 +104,11 @@ class LocalRuntime:
 
     def is_eog(self, token: int) -> bool:
         return self.driver.is_eog(token)
+
+    def _owner(self, task_id: str) -> int | str:
+        """The uid of a task this runtime holds (a trace line is its owner's: axfs.privacy)."""
+        tasks = [*self.scheduler.running, *self.scheduler.waiting]
+        return next((t.uid for t in tasks if t.id == task_id), "-")
 
     def active(self) -> int:
         return len(self.scheduler.running) + len(self.scheduler.waiting)

@@ -98,6 +98,8 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
     try:
         quota = Quota(*parse_limits(list(opts.limits)))
         opts.state_dir.mkdir(parents=True, exist_ok=True)
+        if opts.multi_user:  # its journal, swap files and log hold every user's prompts
+            opts.state_dir.chmod(0o700)
         prepare_mountpoint(opts.mountpoint)
         registry = open_registry(opts)
         entry = default_entry(registry, opts.model)

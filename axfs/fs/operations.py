@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from axfs import replay
+from axfs import privacy, replay
 from axfs.errors import (
     AxfsError,
     BadInput,
@@ -239,14 +239,14 @@ class Operations(pyfuse3.Operations):
         if node is USERS:
             return [(str(u), Node("user", str(u))) for u in self.kernel.quota.users()]
         if node is REPLAY:
-            return [(i, Node("replay_task", i)) for i in self._task_ids()]
+            return [(i, Node("replay_task", i)) for i in self._task_ids(uid)]
         if node.kind == "replay_task":
             return [(f, Node("replay_file", node.name, f)) for f in REPLAY_FILES]
         if node is TASKS:
             found = [("new", Node("new"))]
             if self.kernel.latest(uid):
                 found.append(("latest", Node("latest")))
-            return found + [(i, Node("task", i)) for i in self._task_ids()]
+            return found + [(i, Node("task", i)) for i in self._task_ids(uid)]
         if node.kind == "task":
             files = [(f, Node("task_file", node.name, f)) for f in TASK_FILES]
             if self._task(node).parent:
@@ -263,8 +263,10 @@ class Operations(pyfuse3.Operations):
         entry = self.kernel.registry.entries.get(name)
         return entry.path if entry else ""
 
-    def _task_ids(self) -> list[str]:
-        return sorted(self.kernel.tasks, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))
+    def _task_ids(self, uid: int) -> list[str]:  # on a multi-user tree, uid's (axfs.privacy)
+        who = privacy.viewer(self.multi_user, uid)
+        ids = [i for i, t in self.kernel.tasks.items() if privacy.sees_task(who, t.uid)]
+        return sorted(ids, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))
 
     # -- attributes ----------------------------------------------------------------
 
@@ -368,7 +370,7 @@ class Operations(pyfuse3.Operations):
     def _size(self, node: Node, uid: int) -> int:
         """A regular file's size now, without copying a stream or rendering the trace."""
         if node.kind == "trace":
-            return self.kernel.trace.size
+            return self.kernel.trace.size_for(privacy.viewer(self.multi_user, uid))
         if node.kind == "task_file" and node.file == "stream":
             return len(self._task(node).output)
         return len(self._content(node, uid))
@@ -451,7 +453,7 @@ class Operations(pyfuse3.Operations):
                     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         if parent is MODELS:
-            entry = self.kernel.add_remote(os.fsdecode(name))
+            entry = self.kernel.add_remote(os.fsdecode(name), ctx.uid)
             return self._attrs(Node("model", entry.name), ctx.uid)
         if parent is not TASKS:
             raise _fail(errno.EPERM)
@@ -463,7 +465,7 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         node = self._child(parent, os.fsdecode(name), ctx.uid)
         if node.kind == "model":
-            self.kernel.unregister(node.name)
+            self.kernel.unregister(node.name, ctx.uid)
             return
         if node.kind != "task":
             raise _fail(errno.EPERM)
@@ -490,7 +492,7 @@ class Operations(pyfuse3.Operations):
         filename = os.fsdecode(name)
         if filename in self._copies:
             raise _fail(errno.EEXIST)
-        copy = self.kernel.begin_copy(filename)  # opens one file: no need for a thread
+        copy = self.kernel.begin_copy(filename, ctx.uid)  # opens one file: no need for a thread
         self._copies[filename] = copy
         node = Node("model_copy", filename)
         fh = self._new_fh()
@@ -512,7 +514,7 @@ class Operations(pyfuse3.Operations):
         link (as the kernel expects); looked up again, models/NAME is the model's directory."""
         if self._node(parent_inode) is not MODELS:
             raise _fail(errno.EPERM)
-        entry = self.kernel.register(os.fsdecode(name), os.fsdecode(target))
+        entry = self.kernel.register(os.fsdecode(name), os.fsdecode(target), uid=ctx.uid)
         return self._attrs(Node("model_link", entry.name), ctx.uid)
 
     async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
@@ -580,7 +582,7 @@ class Operations(pyfuse3.Operations):
         h = self._handle(fh)
         node = h.node
         if node.kind == "trace":
-            data, end = self.kernel.trace.read_for(off + h.skew, size)
+            data, end = self.kernel.trace.read_for(off + h.skew, size, privacy.viewer(self.multi_user, h.uid))
             h.skew = end - (off + len(data))
             return data
         if node.kind == "new" or node.file == "fork":
@@ -633,7 +635,7 @@ class Operations(pyfuse3.Operations):
             self.kernel.copy_wrote(h.copy, before)
             return len(buf)
         if node.kind == "model_file" and node.file == "ctl":
-            self.kernel.model_control(node.name, self._text(h, buf))
+            self.kernel.model_control(node.name, self._text(h, buf), h.uid)
             return len(buf)
         if node.kind == "new" or node.file in ("prompt", "fork"):
             if h.submitted is not None or (node.file == "prompt" and h.task
@@ -699,7 +701,7 @@ class Operations(pyfuse3.Operations):
         except OSError as e:
             copy.abort()
             raise _fail(e.errno or errno.EIO) from e
-        self.kernel.register_copy(copy)
+        self.kernel.register_copy(copy, h.uid)
 
     @_boundary
     async def flush(self, fh: int) -> None:

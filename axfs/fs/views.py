@@ -62,7 +62,8 @@ users/UID            your limits (tasks, prompt_bytes, max_tokens, tokens_per_ho
 
 A bad write fails with an errno (EINVAL, EBUSY, EFBIG, ...); over a limit, with
 EDQUOT, EFBIG or E2BIG. The reason is in the task's error file, in trace and in
-users/UID. Mounted with --multi-user, a task is its owner's only (0700); root sees all.
+users/UID. Mounted with --multi-user, a task is its owner's only (0700, listed to
+its owner), and trace shows others' lines as counts, without text; root sees all.
 """
 
 
