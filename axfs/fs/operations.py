@@ -36,6 +36,7 @@ from axfs.errors import (
     Unavailable,
 )
 from axfs.fs import views
+from axfs.fs.edits import Edit
 from axfs.kernel import Kernel
 from axfs.models import ModelCopy
 from axfs.task import State, Task
@@ -67,6 +68,12 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def errno_of(e: AxfsError) -> int:
+    """The errno of a refusal: its own (a journal that cannot write says which), else
+    its kind's."""
+    return getattr(e, "errno", None) or ERRNO.get(type(e), errno.EINVAL)
+
+
 def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -76,7 +83,7 @@ def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[
             raise
         except AxfsError as e:
             log.info("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(ERRNO.get(type(e), errno.EINVAL)) from e
+            raise pyfuse3.FUSEError(errno_of(e)) from e
         except Exception:
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -123,6 +130,8 @@ class Handle:
     replied: int = 0  # tasks/new: bytes of the id already read (the write moved the offset)
     copy: ModelCopy | None = None  # cp FILE models/: the copy being written
     last_read: float = -1.0  # trio time of the last stream read answered
+    edit: Edit | None = None  # config opened for writing: the lines written (axfs.fs.edits)
+    refused: int = 0  # the errno of a refused write: every later write fails with it too
     utf8: codecs.IncrementalDecoder = field(  # checks the prompt's text as it is written
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")())
 
@@ -352,7 +361,7 @@ class Operations(pyfuse3.Operations):
         if f == "ctl":
             return views.ctl(task).encode()
         if f == "error":
-            return (task.error + "\n").encode() if task.error else b""
+            return self.kernel.error_text(task).encode()
         if f == "fork":
             return b""
         raise _fail(errno.ENOENT)
@@ -373,6 +382,8 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         text = os.fsdecode(name)
         node = parent if text == "." else self._child(parent, text, ctx.uid)
+        if node.kind == "model_file":  # its info's size: the file read again, off this thread
+            await self.kernel.refresh_info(node.name)
         return self._attrs(node, ctx.uid)
 
     @_boundary
@@ -504,7 +515,7 @@ class Operations(pyfuse3.Operations):
         link (as the kernel expects); looked up again, models/NAME is the model's directory."""
         if self._node(parent_inode) is not MODELS:
             raise _fail(errno.EPERM)
-        entry = self.kernel.register(os.fsdecode(name), os.fsdecode(target))
+        entry = await self.kernel.register(os.fsdecode(name), os.fsdecode(target))
         return self._attrs(Node("model_link", entry.name), ctx.uid)
 
     async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
@@ -543,12 +554,16 @@ class Operations(pyfuse3.Operations):
         task = self._task(node) if node.kind in ("task_file", "replay_file") else None
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if writing and not self._file_mode(node) & 0o200:
-            if task is not None:
-                self.kernel.reject(ctx.uid, task, Busy(
+            if task is not None:  # a replay file's refusal is not the task's error
+                self.kernel.reject(ctx.uid, task if node.kind == "task_file" else None, Busy(
                     f"{node.file} of task {task.id} is read-only"
-                    + (" once submitted" if node.file == "prompt" else "")))
+                    + (" once submitted" if node.file == "prompt" else "")), task.id)
             raise _fail(errno.EACCES)
+        if node.kind == "model_file":
+            await self.kernel.refresh_info(node.name)
         h = Handle(node, task, ctx.pid, ctx.uid, ctx.gid)
+        if writing and node.kind == "task_file" and node.file == "config":
+            h.edit = Edit(reset=bool(flags & os.O_TRUNC))
         live = node.kind == "trace" or node.file == "stream"
         if not live and node.kind != "new":
             h.data = self._content(node, ctx.uid)
@@ -612,6 +627,18 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handle(fh)
+        if h.refused:  # so that the writer's exit status says so, whichever write it was
+            raise _fail(h.refused)
+        try:
+            return await self._write(h, off, buf)
+        except pyfuse3.FUSEError as e:
+            h.refused = e.errno
+            raise
+        except AxfsError as e:
+            h.refused = errno_of(e)
+            raise
+
+    async def _write(self, h: Handle, off: int, buf: bytes) -> int:
         node = h.node
         if h.copy is not None:
             before = h.copy.size
@@ -642,13 +669,18 @@ class Operations(pyfuse3.Operations):
             return len(buf)
         if h.task is None:
             raise _fail(errno.EBADF)
+        if h.edit is not None:  # config: checked now, applied at close
+            try:
+                text = h.edit.add(buf, node.file)
+            except AxfsError as e:
+                raise self.kernel.reject(h.uid, h.task, e) from e
+            self.kernel.check_config(h.task, text, h.edit.resets)
+            return len(buf)
         text = self._text(h, buf)
         if node.kind == "replay_file":
             if node.file != "ctl":
                 raise _fail(errno.EBADF)
-            self.kernel.replay(h.task, text)
-        elif node.file == "config":
-            self.kernel.configure(h.task, text)
+            self.kernel.replay(h.task, h.uid, text)
         elif node.file == "ctl":
             self.kernel.control(h.task, text)
         else:
@@ -659,7 +691,26 @@ class Operations(pyfuse3.Operations):
         try:
             return buf.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise self.kernel.reject(h.uid, h.task, BadInput(f"{h.node.file}: not UTF-8 text")) from e
+            task = h.task if h.node.kind == "task_file" else None
+            raise self.kernel.reject(h.uid, task, BadInput(f"{h.node.file}: not UTF-8 text"),
+                                     h.node.name) from e
+
+    def _apply_edit(self, h: Handle, closing: bool = False) -> None:
+        """Apply what was written to a config through this open file (at the last close,
+        also the reset of a ``: > config`` that wrote nothing), unless a write was refused."""
+        edit, task = h.edit, h.task
+        if edit is None or task is None or h.refused or not (edit.written or (closing and edit.resets)):
+            return
+        try:
+            try:
+                text = edit.finish(h.node.file)
+            except AxfsError as e:
+                raise self.kernel.reject(h.uid, task, e) from e
+            self.kernel.configure(task, text, edit.resets)
+        except AxfsError as e:
+            h.refused = errno_of(e)
+            raise
+        edit.done()
 
     async def _submit_pending(self, h: Handle) -> None:
         """Submit what was written to tasks/new or a draft's prompt, once."""
@@ -688,12 +739,15 @@ class Operations(pyfuse3.Operations):
         except OSError as e:
             copy.abort()
             raise _fail(e.errno or errno.EIO) from e
-        self.kernel.register_copy(copy)
+        await self.kernel.register_copy(copy)
 
     @_boundary
     async def flush(self, fh: int) -> None:
         h = self._handle(fh)
         await self._finish_copy(h)
+        if h.refused:  # nothing written through it applies; close() says so too
+            raise _fail(h.refused)
+        self._apply_edit(h)
         await self._submit_pending(h)
 
     @_boundary
@@ -703,4 +757,6 @@ class Operations(pyfuse3.Operations):
             with contextlib.suppress(AxfsError, OSError):
                 await self._finish_copy(h)
             with contextlib.suppress(AxfsError):  # refused and recorded; release cannot say so
+                self._apply_edit(h, closing=True)
                 await self._submit_pending(h)
+

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 from axfs.kernel import Kernel
-from axfs.models import gguf_info
 from axfs.remote import RemoteRuntime
 from axfs.runtime import LocalRuntime
 from axfs.swap import SwapSpace
@@ -169,7 +168,9 @@ def sched(kernel: Kernel) -> str:
     section a loaded model (a blank line between), each beginning ``model NAME``."""
     sections = [_sched(kernel, r) for r in _local_runtimes(kernel)]
     sections += [_remote_sched(r) for r in kernel.runtimes.values() if isinstance(r, RemoteRuntime)]
-    return "\n".join(sections) if sections else "model none loaded\n"
+    # Whether submissions can be journaled (axfs.persist): the same in every section.
+    journal = f"journal {kernel.keeper.state if kernel.keeper else 'off'}\n"
+    return "\n".join(s + journal for s in sections) if sections else "model none loaded\n" + journal
 
 
 def _remote_sched(runtime: RemoteRuntime) -> str:
@@ -232,8 +233,10 @@ def model_info(kernel: Kernel, name: str) -> str:
                                 if not e.up else "")))
     else:
         rows += [("kind", "local"), ("path", entry.path), ("copied", "yes" if entry.copied else "no")]
-        try:
-            g = gguf_info(entry.path)
+        g = kernel.file_info(name)  # as last read: a request never waits on a user's file
+        if isinstance(g, str):
+            rows.append(("file_error", g))
+        else:
             rows += [
                 ("architecture", g.architecture), ("description", g.name),
                 ("parameters", g.parameters), ("quantisation", g.quantisation),
@@ -241,8 +244,6 @@ def model_info(kernel: Kernel, name: str) -> str:
                 ("vocab_size", g.vocab_size), ("size_bytes", g.size_bytes),
                 ("chat_template", "yes" if g.chat_template else "no"),
             ]
-        except (OSError, ValueError) as e:
-            rows.append(("file_error", str(e)))
         rows.append(("gpu_layers_setting", "auto" if entry.gpu_layers is None else entry.gpu_layers))
     rows.append(("template", entry.template or "-"))
     if isinstance(runtime, LocalRuntime):
