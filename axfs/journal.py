@@ -217,6 +217,21 @@ class Journal:
             self.bytes_written += len(data)
             self.records += 1
 
+    def probe(self, size: int) -> None:
+        """Whether a record of about ``size`` bytes can be written and fsync'ed now: one is,
+        then cut off again. OSError if not."""
+        with self._write_lock:
+            self.flush(sync=False)
+            assert self._fd is not None
+            start = os.lseek(self._fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(bytes(size))
+                while view:
+                    view = view[os.write(self._fd, view):]
+                os.fsync(self._fd)
+            finally:
+                os.ftruncate(self._fd, start)
+
     def flush(self, sync: bool) -> int:
         """Write the buffer to the file (and fsync it with ``sync``); the bytes written.
         Raises OSError."""

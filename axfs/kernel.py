@@ -401,10 +401,14 @@ class Kernel(ModelControl):
         self.trace.emit("fork", task.id, uid, parent=parent.id, waiting="yes")
         return task
 
-    def check_quota(self, uid: int, task: Task | None, config: TaskConfig | None) -> None:
-        """Whether ``uid`` may queue one more task (with ``config``; None: the defaults)."""
+    def check_quota(self, uid: int, task: Task | None, config: TaskConfig | None,
+                    size: int = 0) -> None:
+        """Whether ``uid`` may queue one more task (with ``config``; None: the defaults),
+        and, while the journal could not write, whether it can record ``size`` bytes now."""
         try:
             self.quota.check_submit(uid, config)
+            if self.keeper is not None:
+                self.keeper.check(size)
         except AxfsError as e:
             raise self.reject(uid, task, e) from e
 

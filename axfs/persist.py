@@ -93,6 +93,21 @@ class Keeper:
             self._failed(e)
             raise NotRecorded(f"{self.error}: it is not on disk", e.errno or errno.EIO) from e
 
+    def check(self, size: int) -> None:
+        """While writes fail, whether a submission of ``size`` bytes could be written now
+        (as many bytes are written, fsync'ed and cut off again); NotRecorded if not. Lets a
+        prompt be refused at its first write, which a shell reports, rather than at
+        close, which it does not."""
+        if not self.error:
+            return
+        try:
+            self.journal.probe(2 * size + 1024)  # the record has its text and its tokens
+        except OSError as e:
+            self._failed(e)
+            raise NotRecorded(f"{self.error}: the tree refuses work until it can write",
+                              e.errno or errno.EIO) from e
+        self._recovered()
+
     def _commit(self, record: dict[str, Any]) -> None:
         try:
             self.journal.commit(record)

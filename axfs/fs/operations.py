@@ -658,7 +658,7 @@ class Operations(pyfuse3.Operations):
             if node.file == "fork" and h.task is not None:
                 self.kernel.check_forkable(h.task, h.uid)
             if not h.pending:  # over a per-user limit: refused at the first write, not at close
-                self.kernel.check_quota(h.uid, h.task, h.task.config if h.task else None)
+                self.kernel.check_quota(h.uid, h.task, h.task.config if h.task else None, len(buf))
             try:
                 self.kernel.check_prompt_bytes(buf, before=len(h.pending), uid=h.uid, utf8=h.utf8)
             except AxfsError as e:
