@@ -176,7 +176,8 @@ def make_loader(opts: MountOptions) -> Callable[[ModelEntry], LlamaCppDriver]:
     """How a local model is loaded: each with the mount's context, slots and threads."""
 
     def load(entry: ModelEntry) -> LlamaCppDriver:
-        os.close(open_regular(entry.path))  # llama.cpp would wait on a FIFO (drivers.files)
+        with contextlib.suppress(FileNotFoundError):  # which the driver words itself
+            os.close(open_regular(entry.path))  # llama.cpp would wait on a FIFO (drivers.files)
         return LlamaCppDriver(Path(entry.path), name=entry.name, n_ctx=opts.n_ctx,
                               n_seq_max=opts.slots, n_batch=opts.n_batch, n_threads=opts.threads,
                               repack=opts.repack, gpu_layers=entry.gpu_layers)
