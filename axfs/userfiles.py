@@ -7,19 +7,18 @@ one) run here: in a worker thread, through a limiter of their own (threads stuck
 hung filesystem cannot use up the threads the journal and the engine need), and waited
 for at most ``TIME_LIMIT_S``; a call that has not answered by then is abandoned (its
 thread finishes or not, unseen) and the request fails with the reason. What is opened
-is opened as ``drivers.files`` does: regular files only, without blocking.
+is opened as ``drivers.files`` does: regular files only, without blocking (the GGUF
+reader and the sha256 of a model file both do).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TypeVar
 
 import trio
 
 from axfs.errors import BadInput
-from drivers.files import NotRegular, check_regular
 
 TIME_LIMIT_S = 10.0
 THREADS = 4  # calls on user paths at once; more wait their turn (within the limit)
@@ -44,17 +43,3 @@ async def call(fn: Callable[[str], T], path: str) -> T:
         return await trio.to_thread.run_sync(fn, path, abandon_on_cancel=True,
                                              limiter=_threads())
     raise BadInput(f"{path}: no answer in {TIME_LIMIT_S:g} s (a hung filesystem?)")
-
-
-def regular(path: str) -> str:
-    """``path`` if it names a regular file; NotRegular or OSError saying why not."""
-    check_regular(path, os.stat(path).st_mode)
-    return path
-
-
-async def check_file(path: str) -> None:
-    """BadInput (with the reason) unless ``path`` names a regular file that answers."""
-    try:
-        await call(regular, path)
-    except (OSError, NotRegular) as e:
-        raise BadInput(f"{path}: {e.strerror or e}" if isinstance(e, OSError) else str(e)) from e
