@@ -589,8 +589,9 @@ class Kernel(ModelControl):
         words = text.split()
         where = f"ctl {text.strip()[:60]!r}"
         if words == ["kill"]:
+            journaled = task.state is not State.DRAFT and not task.finished
             self.kill(task)
-            if self.keeper is not None:  # on disk before the write returns, as a submission
+            if self.keeper is not None and journaled:  # on disk before the write returns
                 try:
                     self.keeper.sync()
                 except AxfsError as e:

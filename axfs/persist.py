@@ -62,10 +62,13 @@ class Keeper:
         """Record a submission (or a queued task's new config) on disk before the write
         that made it returns; NotRecorded, with the disk's errno, if it cannot be. Not
         ``durable``: with the next write (a fork's context, once its parent has ended)."""
+        record = task_record(task, task.model_sha)
+        if task.output_tokens:  # a resumed task: what it generated before stays its own
+            record["generated"] = list(task.output_tokens)
         if durable:
-            self._commit(task_record(task, task.model_sha))
+            self._commit(record)
         else:
-            self.journal.append(task_record(task, task.model_sha))
+            self.journal.append(record)
         self._written[task.id] = len(task.output_tokens)
         self._active[task.id] = task
 

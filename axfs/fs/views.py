@@ -40,12 +40,14 @@ tasks/ID/stream      the generated text; a read waits for more text or the end (
 tasks/ID/status      state (draft queued running preempted done failed killed) and counters,
                      one "key value" per line
 tasks/ID/config      parameters, "key value" lines: model max_tokens temperature top_k
-                     top_p seed stop priority chat; writable until the task starts
+                     top_p seed stop priority chat; writable until the task starts;
+                     applied at close, all or nothing; > resets the rest, >> adds
 tasks/ID/ctl         write "kill" or "priority N" (a weight, 1-10000, default 100)
 tasks/ID/fork        write a follow-up -> a child task continuing this task's text and
                      sharing its KV; read the same open file -> the child's id
 tasks/ID/parent      (a fork's) symlink to the task it continues
-tasks/ID/error       why the task failed or why the last write to it was refused
+tasks/ID/error       why the task failed, and why the last write to it was refused
+                     (until a later write to it succeeds)
 rm -r tasks/ID       kill the task if it runs and remove it
 memory               the KV cache, like /proc/meminfo: used = running + cached, prefix
                      cache hits, evictions, swap; a section a loaded model
