@@ -144,3 +144,20 @@ async def test_a_write_error_refuses_submissions_and_accepted_tasks_still_run(tm
     assert "journal_error reason='journal write failed: No space left on device'" in trace
     assert " journal_ok " in trace and k.keeper.num_errors >= 1
     assert len([t for t in k.tasks.values() if t.state is State.DRAFT]) == 1  # y: still a draft
+
+
+async def test_a_queued_tasks_new_config_and_a_kill_are_on_disk_when_the_write_returns(
+        tmp_path: Path) -> None:
+    """No k.run here: nothing flushes the journal in the background, so what is on disk
+    is what the writes themselves put there (a crash right after them loses nothing)."""
+    k = kernel(tmp_path)
+    k.restore()
+    queued = await start(k, 1, "a", max_tokens=50, temperature=0)
+    doomed = await start(k, 1, "b", max_tokens=50)
+    k.configure(queued, "max_tokens 7\nseed 5\n")
+    k.control(doomed, "kill")
+    k2 = kernel(tmp_path)  # the first one never closed: as after SIGKILL
+    k2.restore()
+    again = k2.get(queued.id)
+    assert (again.config.max_tokens, again.config.seed) == (7, 5)
+    assert k2.get(doomed.id).state is State.KILLED
