@@ -72,7 +72,8 @@ def test_a_full_journal_refuses_what_it_cannot_record_and_loses_nothing_it_accep
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.05)
         (small_disk / "filler").unlink()
-    done = mount(mnt, tiny_model, state, "--ctx", "8192", "--slots", "4")  # clears the dead one
+        umount(mnt)  # the dead mount, should an assertion above have failed
+    done = mount(mnt, tiny_model, state, "--ctx", "8192", "--slots", "4")
     assert done.returncode == 0, done.stderr
     try:
         listed = set(os.listdir(mnt / "tasks"))
