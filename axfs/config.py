@@ -1,13 +1,16 @@
 """A task's parameters: the ``config`` file's flat ``key value`` lines.
 
-A write sets the keys it names and leaves the others alone; the whole write is
-checked before any of it applies, so a bad line changes nothing.
+The lines written through one open file are one change (see axfs.fs.edits): each is
+checked as it arrives and all apply together when the file is closed, so a bad line
+changes nothing. The key and its value are separated by any white space; numbers are
+plain ASCII digits (with a sign, and for real numbers a point and an exponent).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -58,45 +61,53 @@ class TaskConfig:
         lines.append(f"chat {'on' if self.chat else 'off'}")
         return "\n".join(lines) + "\n"
 
-    def updated(self, text: str, models: set[str]) -> TaskConfig:
-        """A copy with the ``key value`` lines of ``text`` applied; BadInput if any is bad."""
+    def updated(self, text: str, models: set[str], where: str = "config") -> TaskConfig:
+        """A copy with the ``key value`` lines of ``text`` applied; BadInput if any is bad
+        (its message begins with ``where`` and the line's number)."""
         new = self.copy()
         stops: list[str] | None = None
         for n, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            key, _, value = line.partition(" ")
-            value = value.strip()
-            where = f"config line {n} ({line[:60]!r})"
+            key, value = [*line.split(None, 1), ""][:2]
+            at = f"{where} line {n} ({line[:60]!r})"
             if key == "stop":
                 stops = [] if stops is None else stops
                 if value:
-                    stops.append(_parse_stop(value, where))
+                    stops.append(_parse_stop(value, at))
                 continue
             if key == "model":
                 if value not in models:
                     known = ", ".join(sorted(models)) or "none"
-                    raise BadInput(f"{where}: no model named {value!r} (models: {known})")
+                    raise BadInput(f"{at}: no model named {value!r} (models: {known})")
                 new.model = value
                 continue
             parse = _PARSERS.get(key)
             if parse is None:
-                raise BadInput(f"{where}: unknown key {key!r} (keys: {', '.join(KEYS)})")
-            setattr(new, key, parse(value, where))
+                raise BadInput(f"{at}: unknown key {key!r} (keys: {', '.join(KEYS)})")
+            setattr(new, key, parse(value, at))
         if stops is not None:
             if len(stops) > MAX_STOPS:
-                raise BadInput(f"config: at most {MAX_STOPS} stop strings")
+                raise BadInput(f"{where}: at most {MAX_STOPS} stop strings")
             new.stop = stops
         return new
 
 
 T = TypeVar("T", int, float)
+# What int() and float() accept beyond these (1_000, Unicode digits, " 5") is refused.
+_INTEGER = re.compile(r"[-+]?[0-9]+")
+_REAL = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[-+]?(inf|infinity|nan)",
+                   re.IGNORECASE)
 
 
 def _number(kind: type[T], lo: T, hi: T) -> Callable[[str, str], T]:
+    pattern = _INTEGER if kind is int else _REAL
+
     def parse(value: str, where: str) -> T:
         try:
+            if not pattern.fullmatch(value):
+                raise ValueError(value)
             v = kind(value)
         except ValueError:
             kind_name = "an integer" if kind is int else "a number"
@@ -124,6 +135,11 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "chat": _switch,
 }
 KEYS = ("model", *_PARSERS, "stop")
+
+
+def parse_setting(key: str, value: str, where: str) -> object:
+    """One numeric or on/off setting's value (``ctl``'s ``priority N``); BadInput why not."""
+    return _PARSERS[key](value, where)
 
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 _UNESCAPES = {"\\": "\\", "n": "\n", "t": "\t", "r": "\r", "s": " "}

@@ -41,3 +41,12 @@ class ParameterTooLarge(AxfsError):
 
 class Unavailable(AxfsError):
     """The model cannot be loaded or reached now (EIO); the message says why."""
+
+
+class NotRecorded(AxfsError):
+    """The journal cannot record the request, so it is refused: ``errno`` is the disk's
+    (ENOSPC when it is full)."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno

@@ -12,7 +12,8 @@ One append-only file, ``STATE_DIR/journal.msgpack``, a stream of msgpack maps:
 - ``{"t": "rm", "id"}`` when it is removed.
 
 When records reach the disk: a submission is written and fsync'ed before the write
-that submitted it returns, so an accepted task survives a power failure; generated
+that submitted it returns (``commit``), so an accepted task survives a power failure,
+and one that cannot be written is refused and leaves nothing in the file; generated
 tokens and ends are written every ``interval`` seconds (default 1) and fsync'ed then.
 A power failure loses at most that last second of tokens and ends, which a restart
 computes again (the tasks run on from what was kept). A crash of the daemon alone
@@ -26,6 +27,7 @@ file that replaces the old one atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -195,8 +197,44 @@ class Journal:
             self._buf += data
         self.records += 1
 
-    def flush(self, sync: bool) -> None:
-        """Write the buffer to the file (and fsync it with ``sync``). Raises OSError."""
+    def commit(self, record: dict[str, Any]) -> None:
+        """Write ``record`` after what the buffer holds and fsync it; OSError if either
+        cannot be done, and then the file ends as it did before the record."""
+        data = msgpack.packb(record, use_bin_type=True)
+        with self._write_lock:
+            self.flush(sync=False)
+            assert self._fd is not None
+            start = os.lseek(self._fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:  # a short write is followed by one that fails (ENOSPC)
+                    view = view[os.write(self._fd, view):]
+                os.fsync(self._fd)
+            except OSError:
+                with contextlib.suppress(OSError):  # no part of a refused record stays
+                    os.ftruncate(self._fd, start)
+                raise
+            self.bytes_written += len(data)
+            self.records += 1
+
+    def probe(self, size: int) -> None:
+        """Whether a record of about ``size`` bytes can be written and fsync'ed now: one is,
+        then cut off again. OSError if not."""
+        with self._write_lock:
+            self.flush(sync=False)
+            assert self._fd is not None
+            start = os.lseek(self._fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(bytes(size))
+                while view:
+                    view = view[os.write(self._fd, view):]
+                os.fsync(self._fd)
+            finally:
+                os.ftruncate(self._fd, start)
+
+    def flush(self, sync: bool) -> int:
+        """Write the buffer to the file (and fsync it with ``sync``); the bytes written.
+        Raises OSError."""
         with self._write_lock:
             if self._fd is None:
                 self.open()
@@ -215,6 +253,7 @@ class Journal:
                 if written < len(data):  # kept, to be written when the disk has room
                     with self._lock:
                         self._buf[:0] = data[written:]
+            return written
 
     def compact(self, records: list[dict[str, Any]]) -> None:
         """Replace the file with ``records`` (atomically: new file, fsync, rename)."""

@@ -9,28 +9,20 @@ task).
 from __future__ import annotations
 
 import codecs
-import contextlib
 import logging
-import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
-from axfs.config import TaskConfig
+from axfs.config import TaskConfig, parse_setting
 from axfs.engine import Engine
 from axfs.errors import AxfsError, BadInput, Busy, Exists, NoSpace, NotFound, Unavailable
 from axfs.kv import KVManager
-from axfs.models import (
-    ModelCopy,
-    ModelEntry,
-    Registry,
-    check_url,
-    gguf_info,
-    name_for_file,
-)
+from axfs.modelctl import ModelControl
+from axfs.models import ModelEntry, Registry
 from axfs.persist import Keeper
 from axfs.quota import Limits, Quota
 from axfs.remote import RemoteRuntime
@@ -42,6 +34,7 @@ from axfs.task import State, Task
 from axfs.trace import Trace
 from drivers import chat
 from drivers.base import Driver, DriverError
+from drivers.gguf import GgufInfo
 
 Loader = Callable[[ModelEntry], Driver]  # loads a local model (in a worker thread)
 
@@ -50,10 +43,9 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_BYTES = Limits().prompt_bytes  # everyone's default limit
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 RESERVED_NAMES = frozenset({"new", "latest"})
-COPY_TRACE_BYTES = 64 << 20  # a model copy's progress is traced this often
 
 
-class Kernel:
+class Kernel(ModelControl):
     """The tasks and the models behind the tree.
 
     ``driver`` is the default model, loaded; others are loaded on demand by ``loader``
@@ -82,6 +74,7 @@ class Kernel:
         self._scopes: dict[str, trio.CancelScope] = {}
         self._loading: dict[str, trio.Event] = {}
         self._load_errors: dict[str, str] = {}
+        self._infos: dict[str, GgufInfo | str] = {}
         self._deferred: dict[str, list[Callable[[Runtime], None]]] = {}  # until it loads
         self._nursery: trio.Nursery | None = None
         self._started = trio.Event()  # run() has its nursery: models can be loaded
@@ -97,6 +90,7 @@ class Kernel:
         self.quota = quota or Quota()
         self.quota.usage = self._usage
         self.tasks: dict[str, Task] = {}
+        self.refusals: dict[str, str] = {}  # task id -> why its last write was refused
         self._forks: dict[str, list[Task]] = {}  # parent id -> forks waiting for it to end
         self._latest: dict[int, str] = {}
         self._next_id = 1
@@ -291,133 +285,6 @@ class Kernel:
     def in_use(self, name: str) -> int:
         return len(self._unfinished(name))
 
-    # -- registering models (models/) -------------------------------------------------
-
-    @contextlib.contextmanager
-    def _refused(self, name: str, uid: int | str) -> Iterator[None]:
-        """Record why a change to models/ by ``uid`` was refused (the trace) and let it through."""
-        try:
-            yield
-        except AxfsError as e:
-            self.trace.emit("reject", "-", uid, model=name, reason=str(e))
-            raise
-
-    def register(self, name: str, path: str, copied: bool = False, uid: int | str = "-") -> ModelEntry:
-        """``ln -s FILE models/NAME``, or the end of ``cp FILE models/``."""
-        with self._refused(name, uid):
-            self.registry.check_new(name)
-            if not os.path.isabs(path):
-                raise BadInput(f"{path}: the link must be an absolute path")
-            try:
-                info = gguf_info(path)
-            except (OSError, ValueError) as e:
-                raise BadInput(f"{path}: not a model file ({e})") from e
-            entry = self.registry.add(ModelEntry(name, path=path, copied=copied))
-            self.trace.emit("model_add", model=name, path=path, parameters=info.parameters,
-                            copied="yes" if copied else "no")
-            self.defaults.model = self.registry.default
-            return entry
-
-    def begin_copy(self, filename: str, uid: int | str = "-") -> ModelCopy:
-        """``cp FILE models/``: the copy is written into the state directory."""
-        with self._refused(filename, uid):
-            if self.copy_dir is None:
-                raise BadInput("this mount keeps no model copies (no state directory)")
-            name = self.registry.check_new(name_for_file(filename))
-            copy = ModelCopy(filename, self.copy_dir)
-            self.trace.emit("model_copy", model=name, to=str(copy.final))
-            return copy
-
-    def copy_wrote(self, copy: ModelCopy, before: int) -> None:
-        """Trace a copy's progress every COPY_TRACE_BYTES."""
-        if copy.size // COPY_TRACE_BYTES > before // COPY_TRACE_BYTES:
-            self.trace.emit("model_copy", model=copy.name, bytes=copy.size)
-
-    def register_copy(self, copy: ModelCopy, uid: int | str = "-") -> ModelEntry:
-        """A finished copy (``ModelCopy.finish``): registered if it is a model file."""
-        try:
-            return self.register(copy.name, str(copy.final), copied=True, uid=uid)
-        except AxfsError as e:
-            copy.abort()
-            why = f"copy of model {copy.name} refused: {e}"
-            self.trace.emit("error", "-", uid, model=copy.name, reason=why)
-            raise BadInput(why) from e
-
-    def add_remote(self, name: str, uid: int | str = "-") -> ModelEntry:
-        """``mkdir models/NAME``: a model whose endpoints are written to its ctl next."""
-        with self._refused(name, uid):
-            entry = self.registry.add(ModelEntry(self.registry.check_new(name)))
-            self.trace.emit("model_add", model=name, remote="yes")
-            return entry
-
-    def unregister(self, name: str, uid: int | str = "-") -> None:
-        """``rm -r models/NAME``: refused while tasks use it."""
-        with self._refused(name, uid):
-            if name not in self.registry.entries:
-                raise NotFound(f"no model named {name!r}")
-            busy = self.in_use(name)
-            if busy:
-                raise Busy(f"model {name} has {busy} unfinished tasks")
-            if name == self.registry.default:
-                raise Busy(f"model {name} is the default: make another the default first"
-                           if len(self.registry.entries) > 1 else f"model {name} is the only model")
-            self.unload(name, reason="rm")
-            self.registry.remove(name)
-            self.defaults.model = self.registry.default
-            self.trace.emit("model_remove", model=name)
-
-    def model_control(self, name: str, text: str, uid: int | str = "-") -> None:
-        """One command written to models/NAME/ctl."""
-        with self._refused(name, uid):
-            entry = self.registry.entries.get(name)
-            if entry is None:
-                raise NotFound(f"no model named {name!r}")
-            words = text.split()
-            verb, args = (words[0], words[1:]) if words else ("", [])
-            if verb == "load" and not args:
-                if self._nursery is None:
-                    raise Unavailable("the kernel is not running")
-                if not entry.configured:
-                    raise BadInput(f"model {name} has no file or endpoints yet")
-                self._nursery.start_soon(self._load_quietly, name)
-            elif verb == "unload" and not args:
-                self.unload(name)
-            elif verb == "default" and not args:
-                self.registry.default = name
-                self.registry.save()
-                self.defaults.model = name
-                self.trace.emit("model_default", model=name)
-            elif verb == "endpoints" and args:
-                if entry.path:
-                    raise BadInput(f"model {name} is a local file; endpoints are for remote models")
-                for url in args:
-                    check_url(url)
-                if self.in_use(name):
-                    raise Busy(f"model {name} has unfinished tasks")
-                self.unload(name, reason="endpoints")
-                entry.endpoints = list(args)
-                self.registry.save()
-                self.trace.emit("model_endpoints", model=name, endpoints=",".join(args))
-            elif verb == "gpu_layers" and len(args) == 1 and (args[0] == "auto" or args[0].isdigit()):
-                entry.gpu_layers = None if args[0] == "auto" else int(args[0])
-                self.registry.save()
-            elif verb == "template" and len(args) <= 1:
-                if args and args[0] not in chat.builtin_names():
-                    raise BadInput(f"template: unknown name {args[0]!r} (known: "
-                                   f"{', '.join(chat.builtin_names())})")
-                entry.template = args[0] if args else ""
-                self.registry.save()
-            else:
-                raise BadInput(f"models/{name}/ctl: cannot parse {text.strip()[:60]!r} (commands: load, "
-                               "unload, default, endpoints URL..., gpu_layers N|auto, template [NAME])")
-
-    async def _load_quietly(self, name: str) -> None:
-        with contextlib.suppress(AxfsError):  # the reason is in the trace and in info
-            await self.runtime(name)
-
-    def load_error(self, name: str) -> str:
-        return self._load_errors.get(name, "")
-
     # -- looking up ------------------------------------------------------------------
 
     def get(self, task_id: str) -> Task:
@@ -470,6 +337,7 @@ class Kernel:
             raise self.reject(task.uid, task, Busy(f"task {task.id} was already submitted"))
         self.check_quota(task.uid, task, task.config)
         await self._queue(task, self._prompt_text(task.uid, task, data))
+        self.accepted(task)
 
     async def submit_new(self, uid: int, gid: int, data: bytes) -> Task:
         """``echo PROMPT > tasks/new``: a new task with default parameters, queued."""
@@ -515,25 +383,33 @@ class Kernel:
         except AxfsError as e:
             raise self.reject(uid, parent, e) from e
         task = self.create(uid, gid)
+        self.accepted(parent)
         task.config = parent.config.copy()
         task.parent = parent.id
         task.prompt = text
         self._latest[uid] = task.id
-        if parent.finished:
-            self._start_fork(task, parent, runtime)
-        else:
+        try:
+            if parent.finished:
+                self._start_fork(task, parent, runtime, durable=True)
+                return task
             task.submit(text, [])
             task.model_sha = runtime.sha
-            self._forks.setdefault(parent.id, []).append(task)
-            self.trace.emit("fork", task.id, uid, parent=parent.id, waiting="yes")
-            if self.keeper is not None:
-                self.keeper.submitted(task)
+            self._record(task)
+        except AxfsError as e:  # not recorded: a failed task, gone after a restart
+            task.finish(State.FAILED, "error", str(e))
+            raise
+        self._forks.setdefault(parent.id, []).append(task)
+        self.trace.emit("fork", task.id, uid, parent=parent.id, waiting="yes")
         return task
 
-    def check_quota(self, uid: int, task: Task | None, config: TaskConfig | None) -> None:
-        """Whether ``uid`` may queue one more task (with ``config``; None: the defaults)."""
+    def check_quota(self, uid: int, task: Task | None, config: TaskConfig | None,
+                    size: int = 0) -> None:
+        """Whether ``uid`` may queue one more task (with ``config``; None: the defaults),
+        and, while the journal could not write, whether it can record ``size`` bytes now."""
         try:
             self.quota.check_submit(uid, config)
+            if self.keeper is not None:
+                self.keeper.check(size)
         except AxfsError as e:
             raise self.reject(uid, task, e) from e
 
@@ -542,7 +418,9 @@ class Kernel:
             raise self.reject(uid, parent, Busy(
                 f"task {parent.id} has no prompt yet: there is nothing to fork"))
 
-    def _start_fork(self, task: Task, parent: Task, runtime: Runtime) -> None:
+    def _start_fork(self, task: Task, parent: Task, runtime: Runtime, durable: bool = False) -> None:
+        """Queue a fork whose parent has ended; ``durable``: the write that made it waits
+        for its record (a fork that waited for its parent was recorded then)."""
         if parent.state is State.FAILED:
             error = f"task {parent.id}, which this one continues, failed: {parent.error}"
             self.trace.emit("error", task.id, task.uid, reason=error)
@@ -562,6 +440,11 @@ class Kernel:
         else:
             task.follow_up = runtime.tokenize(added, bos=False, special=task.config.chat)
             task.submit(task.prompt, parent.context() + task.follow_up)
+        task.model_sha = runtime.sha
+        if durable:
+            self._record(task)
+        elif self.keeper is not None:
+            self.keeper.submitted(task, durable=False)
         self.trace.emit("fork", task.id, task.uid, parent=parent.id,
                         context_tokens=len(task.prompt_tokens))
         self._enqueue(task, runtime)
@@ -625,17 +508,32 @@ class Kernel:
             task.model_prompt = ""
             raise self.reject(task.uid, task, e) from e
         task.submit(text, tokens)
+        task.model_sha = runtime.sha
+        try:
+            self._record(task)
+        except AxfsError:  # not on disk, so not accepted: a draft stays a draft
+            task.state, task.submitted_at, task.waiting_since = State.DRAFT, 0.0, 0.0
+            task.prompt, task.prompt_tokens, task.model_prompt = "", [], ""
+            raise
         self._latest[task.uid] = task.id
         self._enqueue(task, runtime)
 
+    def _record(self, task: Task) -> None:
+        """Journal a submission before the write that made it returns (see axfs.journal);
+        refused with the disk's errno (ENOSPC) when it cannot be written."""
+        if self.keeper is not None:
+            try:
+                self.keeper.submitted(task)
+            except AxfsError as e:
+                raise self.reject(task.uid, task, e) from e
+
     def _enqueue(self, task: Task, runtime: Runtime) -> None:
+        """Hand a journaled submission to its model."""
         tokens = task.prompt_tokens
         task.model_sha = runtime.sha
         self.trace.emit("submit", task.id, task.uid, prompt_tokens=len(tokens),
                         max_tokens=task.config.max_tokens, model=task.config.model)
         task.mark("submit", prompt_tokens=len(tokens), max_tokens=task.config.max_tokens)
-        if self.keeper is not None:
-            self.keeper.submitted(task)
         self._add(task, runtime)
 
     def _add(self, task: Task, runtime: Runtime) -> None:
@@ -656,42 +554,71 @@ class Kernel:
 
     # -- changing tasks --------------------------------------------------------------
 
-    def configure(self, task: Task, text: str) -> None:
+    def check_config(self, task: Task, text: str, reset: bool = False) -> TaskConfig:
+        """What ``text`` written to the task's config would make it (from a new task's
+        defaults with ``reset``: the file opened with O_TRUNC); raises why not."""
         if task.state is not State.DRAFT and task.state is not State.QUEUED:
             raise self.reject(task.uid, task, Busy(
                 f"task {task.id} is {task.state}: config is writable until the task starts"))
+        base = task.config
+        if reset:
+            base = self.quota.fit(task.uid, self.defaults.copy())
         try:
-            config = task.config.updated(text, self.models)
+            config = base.updated(text, self.models)
             self.quota.check_config(task.uid, config)
         except AxfsError as e:
             raise self.reject(task.uid, task, e) from e
+        return config
+
+    def configure(self, task: Task, text: str, reset: bool = False) -> None:
+        """Apply the lines written to a task's config through one open file (see
+        axfs.fs.edits): all of them, or none and the reason."""
+        config, old = self.check_config(task, text, reset), task.config
         task.config = config
-        if task.state is State.QUEUED:
-            task.config.fix_seed()
-        self.trace.emit("config", task.id, task.uid, text=text.strip())
+        if task.state is State.QUEUED:  # submitted: the journal keeps its parameters
+            config.fix_seed()
+            try:
+                self._record(task)
+            except AxfsError:
+                task.config = old
+                raise
+        self.accepted(task)
+        self.trace.emit("config", task.id, task.uid, text=text.strip(), reset="yes" if reset else "no")
 
     def control(self, task: Task, text: str) -> None:
         """Apply one ``ctl`` command: ``kill`` or ``priority N``."""
         words = text.split()
+        where = f"ctl {text.strip()[:60]!r}"
         if words == ["kill"]:
+            journaled = task.state is not State.DRAFT and not task.finished
             self.kill(task)
+            if self.keeper is not None and journaled:  # on disk before the write returns
+                try:
+                    self.keeper.sync()
+                except AxfsError as e:
+                    raise self.reject(task.uid, task, e) from e
+            self.accepted(task)
             return
         if len(words) == 2 and words[0] == "priority":
             try:
-                task.config = task.config.updated(f"priority {words[1]}", self.models)
+                priority = parse_setting("priority", words[1], where)
             except BadInput as e:
                 raise self.reject(task.uid, task, e) from e
+            assert isinstance(priority, int)
+            task.config.priority = priority
+            self.accepted(task)
             self.trace.emit("priority", task.id, task.uid, priority=task.config.priority)
             return
         raise self.reject(task.uid, task, BadInput(
             f"ctl: cannot parse {text.strip()[:60]!r} (commands: kill, priority N)"))
 
-    def replay(self, task: Task, text: str) -> None:
-        """A command written to replay/ID/ctl (``run``)."""
+    def replay(self, task: Task, uid: int, text: str) -> None:
+        """A command written to replay/ID/ctl (``run``). A refusal is the replay's, not
+        the task's: it goes to trace and users/UID, not to tasks/ID/error."""
         try:
             self.replays.control(task, text)
         except AxfsError as e:
-            raise self.reject(task.uid, task, e) from e
+            raise self.reject(uid, None, e, task.id) from e
 
     def kill(self, task: Task) -> None:
         if task.finished:
@@ -700,13 +627,18 @@ class Kernel:
         self.finish(task, State.KILLED, "killed")
 
     def remove(self, task: Task, reason: str = "rm") -> None:
-        """``rm -r tasks/ID``: kill the task if it still runs, then forget it."""
+        """``rm -r tasks/ID``: kill the task if it still runs, then forget it. ``rm`` of a
+        submitted task is on disk before it returns (refused if it cannot be)."""
+        if self.keeper is not None:
+            try:
+                self.keeper.removed(task, durable=reason == "rm" and task.state is not State.DRAFT)
+            except AxfsError as e:
+                raise self.reject(task.uid, task, e) from e
         self.kill(task)
         self.tasks.pop(task.id, None)
+        self.refusals.pop(task.id, None)
         if self._latest.get(task.uid) == task.id:
             del self._latest[task.uid]
-        if self.keeper is not None:
-            self.keeper.removed(task)
         self.trace.emit("remove", task.id, task.uid, reason=reason)
 
     # -- restoring (axfs.persist) ---------------------------------------------------
@@ -767,15 +699,29 @@ class Kernel:
             return ""
         try:
             return self.sha_of(entry.path)
-        except OSError:
+        except (OSError, ValueError):  # gone, or not a regular file now
             return ""
 
-    def reject(self, uid: int, task: Task | None, error: AxfsError) -> AxfsError:
-        """Record why a request was refused (trace, task error file, users/UID) and return
-        it to raise."""
-        self.trace.emit("reject", task.id if task else "-", uid, reason=str(error))
-        self.quota.refused(uid, task.id if task else "-", str(error))
+    def reject(self, uid: int, task: Task | None, error: AxfsError, about: str = "-") -> AxfsError:
+        """Record why a request was refused (trace, users/UID, and the task's error file
+        until a later write to it succeeds) and return it to raise. ``about``: the id
+        the request named, where it was not a write to the task itself (replay/ID)."""
+        about = task.id if task else about
+        self.trace.emit("reject", about, uid, reason=str(error))
+        self.quota.refused(uid, about, str(error))
         if task is not None:
-            task.error = str(error)
+            self.refusals[task.id] = str(error)
             task.notify()
         return error
+
+    def accepted(self, task: Task) -> None:
+        """A write to ``task`` succeeded: an older refusal no longer shows in its error."""
+        if self.refusals.pop(task.id, None) is not None:
+            task.notify()
+
+    def error_text(self, task: Task) -> str:
+        """tasks/ID/error: why the task failed, then why the last write to it was refused
+        (if the last write was refused)."""
+        refusal = self.refusals.get(task.id, "")
+        lines = [s for s in (task.error, refusal if refusal != task.error else "") if s]
+        return "".join(f"{line}\n" for line in lines)

@@ -165,7 +165,9 @@ class ModelCopy:
         self.final = directory / f"{self.name}{SUFFIX}"
         self.part = directory / f"{self.name}{SUFFIX}.part"
         directory.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # Not through a link or into a FIFO someone put there: nothing may wait here.
+        self.fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                          | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         self.size = 0
         self.done = False
 

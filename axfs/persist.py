@@ -9,18 +9,22 @@ the retention limits (from the tree and, by compaction, from the journal).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from axfs.errors import NotRecorded
 from axfs.journal import Journal, Loaded, end_record, make_task, snapshot, task_record
 from axfs.task import State, Task
+from drivers.files import open_regular
 
 if TYPE_CHECKING:
     from axfs.kernel import Kernel
@@ -54,21 +58,79 @@ class Keeper:
 
     # -- recording -----------------------------------------------------------------
 
-    def submitted(self, task: Task) -> None:
-        """Record a submission and make it durable before the write returns."""
-        self.journal.append(task_record(task, task.model_sha))
+    def submitted(self, task: Task, durable: bool = True) -> None:
+        """Record a submission (or a queued task's new config) on disk before the write
+        that made it returns; NotRecorded, with the disk's errno, if it cannot be. Not
+        ``durable``: with the next write (a fork's context, once its parent has ended)."""
+        record = task_record(task, task.model_sha)
+        if task.output_tokens:  # a resumed task: what it generated before stays its own
+            record["generated"] = list(task.output_tokens)
+        if durable:
+            self._commit(record)
+        else:
+            self.journal.append(record)
         self._written[task.id] = len(task.output_tokens)
         self._active[task.id] = task
-        self._write(sync=True)
 
     def ended(self, task: Task) -> None:
         if task.id in self._active:
             self._ended.append(task)
 
-    def removed(self, task: Task) -> None:
+    def removed(self, task: Task, durable: bool = False) -> None:
+        """Record a removal: on disk before ``rm`` returns with ``durable`` (NotRecorded if
+        it cannot be, and the task stays), else with the next write (retention)."""
+        record = {"t": "rm", "id": task.id}
+        if durable:
+            self._commit(record)
+        else:
+            self.journal.append(record)
         self._active.pop(task.id, None)
         self._written.pop(task.id, None)
-        self.journal.append({"t": "rm", "id": task.id})
+
+    def sync(self) -> None:
+        """Write and fsync what is waiting (ends: a kill) now; NotRecorded if it cannot be."""
+        self._collect()
+        try:
+            self.journal.flush(sync=True)
+        except OSError as e:
+            self._failed(e)
+            raise NotRecorded(f"{self.error}: it is not on disk", e.errno or errno.EIO) from e
+
+    def check(self, size: int) -> None:
+        """While writes fail, whether a submission of ``size`` bytes could be written now
+        (as many bytes are written, fsync'ed and cut off again); NotRecorded if not. Lets a
+        prompt be refused at its first write, which a shell reports, rather than at
+        close, which it does not."""
+        if not self.error:
+            return
+        try:
+            self.journal.probe(2 * size + 1024)  # the record has its text and its tokens
+        except OSError as e:
+            self._failed(e)
+            raise NotRecorded(f"{self.error}: the tree refuses work until it can write",
+                              e.errno or errno.EIO) from e
+        self._recovered()
+
+    def _commit(self, record: dict[str, Any]) -> None:
+        try:
+            self.journal.commit(record)
+        except OSError as e:
+            self._failed(e)
+            raise NotRecorded(f"{self.error}: the tree refuses work until it can write",
+                              e.errno or errno.EIO) from e
+        self._recovered()
+
+    def _recovered(self) -> None:
+        if self.error:
+            log.warning("journal written again (%s)", self.journal.path)
+            if self._kernel is not None:
+                self._kernel.trace.emit("journal_ok", bytes=self.journal.bytes_written)
+            self.error = ""
+
+    @property
+    def state(self) -> str:
+        """sched's ``journal`` line: ok, or refusing work and why."""
+        return f"refusing work ({self.error})" if self.error else "ok"
 
     def _collect(self) -> None:
         """Move new tokens and ends into the journal's buffer."""
@@ -82,12 +144,6 @@ class Keeper:
             self.journal.append(end_record(task))
             self._active.pop(task.id, None)
             self._written.pop(task.id, None)
-
-    def _write(self, sync: bool) -> None:
-        try:
-            self.journal.flush(sync)
-        except OSError as e:
-            self._failed(e)
 
     def _failed(self, e: OSError) -> None:
         self.num_errors += 1
@@ -106,10 +162,8 @@ class Keeper:
             await trio.sleep(self.journal.interval)
             self._collect()
             try:
-                await trio.to_thread.run_sync(self.journal.flush, True)
-                if self.error:
-                    kernel.trace.emit("journal_ok", bytes=self.journal.bytes_written)
-                    self.error = ""
+                if await trio.to_thread.run_sync(self.journal.flush, True):
+                    self._recovered()  # something was written: the disk has room again
             except OSError as e:
                 self._failed(e)
             if time.monotonic() - last_retention > 60:
@@ -217,18 +271,19 @@ class Keeper:
 
 def file_sha256(path: Path, state_dir: Path) -> str:
     """The sha256 of a model file, remembered in STATE_DIR/sha256.json by path, size and
-    modification time so that a mount does not read the whole file again."""
+    modification time so that a mount does not read the whole file again. ValueError
+    when it is not a regular file."""
     cache_path = state_dir / "sha256.json"
-    st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if isinstance(cache, dict) and isinstance(cache.get(key), str):
-        return str(cache[key])
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(open_regular(path), "rb") as f:  # not a FIFO or a device (drivers.files)
+        st = os.fstat(f.fileno())
+        key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if isinstance(cache, dict) and isinstance(cache.get(key), str):
+            return str(cache[key])
+        digest = hashlib.sha256()
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     sha = digest.hexdigest()

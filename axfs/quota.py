@@ -116,7 +116,12 @@ class Quota:
     def track(self, task: Task) -> None:
         """A new task of ``task.uid``; a default max_tokens over the limit is lowered to it."""
         self._user(task.uid).tasks.add(task)
-        task.config.max_tokens = min(task.config.max_tokens, self.limits_for(task.uid).max_tokens)
+        self.fit(task.uid, task.config)
+
+    def fit(self, uid: int, config: TaskConfig) -> TaskConfig:
+        """Default parameters for ``uid``: max_tokens lowered to the user's limit."""
+        config.max_tokens = min(config.max_tokens, self.limits_for(uid).max_tokens)
+        return config
 
     def active(self, uid: int) -> int:
         """The user's tasks queued, running or preempted now."""

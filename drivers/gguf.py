@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from drivers.files import open_regular
+
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
@@ -167,11 +169,12 @@ class _Cursor:
 def read_header(path: Path) -> GgufHeader:
     """Parse the header of the GGUF file at ``path``.
 
-    Raises ValueError, saying why, for an empty file, a file that is not GGUF, an
+    Raises ValueError, saying why, for an empty file, a file that is not GGUF (or not a
+    regular file: see drivers.files), an
     unsupported version, or one that ends before its header or its tensor data does;
     OSError when it cannot be read.
     """
-    with open(path, "rb") as f:
+    with open(open_regular(path), "rb") as f:  # a FIFO or a device is refused, not waited on
         size = f.seek(0, 2)
         if size == 0:
             raise ValueError(f"{path} is empty")

@@ -29,6 +29,7 @@ from axfs.persist import Keeper, Retention, file_sha256
 from axfs.quota import Quota, parse_limits
 from axfs.swap import SwapSpace
 from drivers.base import ModelLoadError
+from drivers.files import open_regular
 from drivers.llamacpp import LlamaCppDriver
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,8 @@ def make_loader(opts: MountOptions) -> Callable[[ModelEntry], LlamaCppDriver]:
     """How a local model is loaded: each with the mount's context, slots and threads."""
 
     def load(entry: ModelEntry) -> LlamaCppDriver:
+        with contextlib.suppress(FileNotFoundError):  # which the driver words itself
+            os.close(open_regular(entry.path))  # llama.cpp would wait on a FIFO (drivers.files)
         return LlamaCppDriver(Path(entry.path), name=entry.name, n_ctx=opts.n_ctx,
                               n_seq_max=opts.slots, n_batch=opts.n_batch, n_threads=opts.threads,
                               repack=opts.repack, gpu_layers=entry.gpu_layers)

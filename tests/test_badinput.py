@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ import trio
 from axfs.fs.operations import Operations
 from axfs.kernel import Kernel
 from axfs.task import State
-from tests.conftest import TINY_CTX, Mount, mount, mounted, umount
+from tests.conftest import TINY_CTX, Mount, fill, mount, mounted, umount
 from tests.fakes import FakeDriver
 from tests.test_mount import new_task
 from tests.test_operations import path_ino, read_file, write_file
@@ -348,42 +346,14 @@ async def test_a_driver_error_mid_generation_fails_that_task_and_the_rest_go_on(
 # -- the state directory's disk full -----------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk() -> Iterator[Path]:
-    """A 4 MiB tmpfs, for a state directory that fills up; skipped where mount is refused."""
-    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
-        pytest.skip("needs /dev/fuse and root")
-    base = Path(tempfile.mkdtemp(prefix="axfs-full-"))
-    disk = base / "disk"
-    disk.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        shutil.rmtree(base)
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def fill(disk: Path) -> None:
-    with open(disk / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
-
-
 def test_a_full_state_dir_does_not_stop_tasks_and_the_error_is_reported(
         small_disk: Path, tiny_model: Path) -> None:
     # One slot and no swap memory: two long tasks take turns, and each turn the one set
-    # aside has its KV written to STATE_DIR/swap/, which cannot be written.
+    # aside has its KV written to STATE_DIR/swap/, which cannot be written. The journal is
+    # off: with it on, a full disk refuses new submissions (tests/test_full_journal.py).
     mnt, state = small_disk.parent / "mnt", small_disk / "state"
-    done = mount(mnt, tiny_model, state, "--slots", "1", "--swap-mem", "0", "--ctx", "4096")
+    done = mount(mnt, tiny_model, state, "--slots", "1", "--swap-mem", "0", "--ctx", "4096",
+                 "--journal", "off")
     assert done.returncode == 0, done.stderr
     m = Mount(mnt, state, tiny_model)
     try:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import msgpack
+import pytest
 import trio
 
+from axfs.errors import NotRecorded
 from axfs.journal import NAME, Journal
 from axfs.kernel import Kernel
 from axfs.persist import Keeper, Retention
@@ -112,23 +115,49 @@ async def test_removed_tasks_stay_removed(tmp_path: Path) -> None:
     assert a.id not in k2.tasks
 
 
-async def test_a_write_error_is_reported_and_tasks_still_run(tmp_path: Path) -> None:
+async def test_a_write_error_refuses_submissions_and_accepted_tasks_still_run(tmp_path: Path) -> None:
     k = kernel(tmp_path)
     k.restore()
     assert k.keeper is not None
     journal = k.keeper.journal
+    a = await start(k, 1, "x", max_tokens=5)
+    flush, size = journal.flush, journal.path.stat().st_size
 
-    def full(sync: bool) -> None:
-        raise OSError(28, "No space left on device")
+    def full(sync: bool) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     journal.flush = full  # type: ignore[method-assign]
-    a = await start(k, 1, "x", max_tokens=5)
+    with pytest.raises(NotRecorded) as refused:
+        await start(k, 1, "y", max_tokens=5)
+    assert refused.value.errno == errno.ENOSPC and "refuses work" in str(refused.value)
+    assert journal.path.stat().st_size == size  # nothing of the refused task is in the file
+    assert k.keeper.state.startswith("refusing work (journal write failed: No space left")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(k.run)
         await run_until(k, lambda: a.finished)
-        await trio.sleep(0.2)
+        journal.flush = flush  # type: ignore[method-assign]
+        b = await start(k, 1, "z", max_tokens=5)
+        await run_until(k, lambda: b.finished)
         nursery.cancel_scope.cancel()
-    assert a.state is State.DONE
+    assert a.state is State.DONE and b.state is State.DONE and k.keeper.state == "ok"
     trace = k.trace.read(0, 1 << 20)[0].decode()
     assert "journal_error reason='journal write failed: No space left on device'" in trace
-    assert k.keeper.error and k.keeper.num_errors >= 1
+    assert " journal_ok " in trace and k.keeper.num_errors >= 1
+    assert len([t for t in k.tasks.values() if t.state is State.DRAFT]) == 1  # y: still a draft
+
+
+async def test_a_queued_tasks_new_config_and_a_kill_are_on_disk_when_the_write_returns(
+        tmp_path: Path) -> None:
+    """No k.run here: nothing flushes the journal in the background, so what is on disk
+    is what the writes themselves put there (a crash right after them loses nothing)."""
+    k = kernel(tmp_path)
+    k.restore()
+    queued = await start(k, 1, "a", max_tokens=50, temperature=0)
+    doomed = await start(k, 1, "b", max_tokens=50)
+    k.configure(queued, "max_tokens 7\nseed 5\n")
+    k.control(doomed, "kill")
+    k2 = kernel(tmp_path)  # the first one never closed: as after SIGKILL
+    k2.restore()
+    again = k2.get(queued.id)
+    assert (again.config.max_tokens, again.config.seed) == (7, 5)
+    assert k2.get(doomed.id).state is State.KILLED

@@ -87,7 +87,7 @@ async def test_a_model_that_cannot_load_fails_the_submission(kernel: Kernel) -> 
     kernel.configure(task, "model broken\n")
     with pytest.raises(Unavailable, match="failed to read magic"):
         await kernel.submit(task, b"ab")
-    assert "cannot be loaded" in task.error and task.state is State.DRAFT
+    assert "cannot be loaded" in kernel.error_text(task) and task.state is State.DRAFT
     assert "failed to read magic" in kernel.load_error("broken")
     kernel.defaults.model = "broken"
     with pytest.raises(Unavailable):

@@ -1,42 +1,35 @@
 """The FUSE adapter: translates file operations into kernel calls, and nothing more.
 
-Every handler goes through ``_boundary``: kernel errors become their errno, and any
-other exception is logged and answered with EIO, because an exception escaping a
-pyfuse3 handler would take the whole mount down.
+Every handler goes through ``_boundary`` (axfs.fs.boundary): kernel errors become their
+errno, and any other exception is logged and answered with EIO, because an exception
+escaping a pyfuse3 handler would take the whole mount down. The writing side (write,
+flush, release) is in axfs.fs.writes.
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import errno
-import functools
 import logging
 import os
 import re
 import stat
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import pyfuse3
 import trio
 
 from axfs import privacy, replay
 from axfs.errors import (
-    AxfsError,
-    BadInput,
     Busy,
-    Exists,
-    NoSpace,
-    NotFound,
-    ParameterTooLarge,
-    QuotaExceeded,
-    TooLarge,
-    Unavailable,
 )
 from axfs.fs import views
+from axfs.fs.boundary import boundary as _boundary
+from axfs.fs.boundary import fail as _fail
+from axfs.fs.edits import Edit
+from axfs.fs.writes import Writes
 from axfs.kernel import Kernel
 from axfs.models import ModelCopy
 from axfs.task import State, Task
@@ -44,17 +37,6 @@ from drivers import devices
 
 log = logging.getLogger(__name__)
 
-ERRNO: dict[type[AxfsError], int] = {
-    BadInput: errno.EINVAL,
-    NotFound: errno.ENOENT,
-    Busy: errno.EBUSY,
-    Exists: errno.EEXIST,
-    TooLarge: errno.EFBIG,
-    NoSpace: errno.ENOSPC,
-    QuotaExceeded: errno.EDQUOT,
-    ParameterTooLarge: errno.E2BIG,
-    Unavailable: errno.EIO,
-}
 TASK_FILES = ("prompt", "stream", "status", "config", "ctl", "fork", "error")
 WRITABLE = frozenset({"prompt", "config", "ctl", "fork"})
 POLL_SECONDS = 0.2  # a blocked reader checks its signals this often
@@ -68,31 +50,6 @@ POLL_SECONDS = 0.2  # a blocked reader checks its signals this often
 # only text that is flowing fast is held back, and by no more than MAX_HOLD_S.
 STREAM_READS_PER_S = 2000.0
 MAX_HOLD_S = 0.05
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except AxfsError as e:
-            log.info("%s: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(ERRNO.get(type(e), errno.EINVAL)) from e
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-
-    return wrapper
-
-
-def _fail(code: int) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(code)
-
 
 @dataclass(frozen=True, slots=True)
 class Node:
@@ -129,6 +86,8 @@ class Handle:
     replied: int = 0  # tasks/new: bytes of the id already read (the write moved the offset)
     copy: ModelCopy | None = None  # cp FILE models/: the copy being written
     last_read: float = -1.0  # trio time of the last stream read answered
+    edit: Edit | None = None  # config opened for writing: the lines written (axfs.fs.edits)
+    refused: int = 0  # the errno of a refused write: every later write fails with it too
     utf8: codecs.IncrementalDecoder = field(  # checks the prompt's text as it is written
         default_factory=lambda: codecs.getincrementaldecoder("utf-8")())
 
@@ -148,7 +107,7 @@ def signal_pending(pid: int) -> bool:
     return bool((masks[b"SigPnd"] | masks[b"ShdPnd"]) & ~masks[b"SigBlk"])
 
 
-class Operations(pyfuse3.Operations):
+class Operations(Writes, pyfuse3.Operations):
     def __init__(self, kernel: Kernel, multi_user: bool = False) -> None:
         super().__init__()
         self.kernel = kernel
@@ -362,7 +321,7 @@ class Operations(pyfuse3.Operations):
         if f == "ctl":
             return views.ctl(task).encode()
         if f == "error":
-            return (task.error + "\n").encode() if task.error else b""
+            return self.kernel.error_text(task).encode()
         if f == "fork":
             return b""
         raise _fail(errno.ENOENT)
@@ -383,6 +342,8 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         text = os.fsdecode(name)
         node = parent if text == "." else self._child(parent, text, ctx.uid)
+        if node.kind == "model_file":  # its info's size: the file read again, off this thread
+            await self.kernel.refresh_info(node.name)
         return self._attrs(node, ctx.uid)
 
     @_boundary
@@ -514,7 +475,7 @@ class Operations(pyfuse3.Operations):
         link (as the kernel expects); looked up again, models/NAME is the model's directory."""
         if self._node(parent_inode) is not MODELS:
             raise _fail(errno.EPERM)
-        entry = self.kernel.register(os.fsdecode(name), os.fsdecode(target), uid=ctx.uid)
+        entry = await self.kernel.register(os.fsdecode(name), os.fsdecode(target), uid=ctx.uid)
         return self._attrs(Node("model_link", entry.name), ctx.uid)
 
     async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
@@ -553,12 +514,16 @@ class Operations(pyfuse3.Operations):
         task = self._task(node) if node.kind in ("task_file", "replay_file") else None
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if writing and not self._file_mode(node) & 0o200:
-            if task is not None:
-                self.kernel.reject(ctx.uid, task, Busy(
+            if task is not None:  # a replay file's refusal is not the task's error
+                self.kernel.reject(ctx.uid, task if node.kind == "task_file" else None, Busy(
                     f"{node.file} of task {task.id} is read-only"
-                    + (" once submitted" if node.file == "prompt" else "")))
+                    + (" once submitted" if node.file == "prompt" else "")), task.id)
             raise _fail(errno.EACCES)
+        if node.kind == "model_file":
+            await self.kernel.refresh_info(node.name)
         h = Handle(node, task, ctx.pid, ctx.uid, ctx.gid)
+        if writing and node.kind == "task_file" and node.file == "config":
+            h.edit = Edit(reset=bool(flags & os.O_TRUNC))
         live = node.kind == "trace" or node.file == "stream"
         if node.file == "stream":
             self._streams += 1
@@ -621,101 +586,3 @@ class Operations(pyfuse3.Operations):
                 if signal_pending(h.pid):
                     raise _fail(errno.EINTR)
                 check_at = trio.current_time() + POLL_SECONDS
-
-    @_boundary
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        h = self._handle(fh)
-        node = h.node
-        if h.copy is not None:
-            before = h.copy.size
-            try:
-                await trio.to_thread.run_sync(h.copy.write, off, buf)
-            except OSError as e:
-                raise _fail(e.errno or errno.EIO) from e
-            self.kernel.copy_wrote(h.copy, before)
-            return len(buf)
-        if node.kind == "model_file" and node.file == "ctl":
-            self.kernel.model_control(node.name, self._text(h, buf), h.uid)
-            return len(buf)
-        if node.kind == "new" or node.file in ("prompt", "fork"):
-            if h.submitted is not None or (node.file == "prompt" and h.task
-                                           and h.task.state is not State.DRAFT):
-                raise self.kernel.reject(h.uid, h.task, Busy("the prompt was already submitted"))
-            if node.file == "fork" and h.task is not None:
-                self.kernel.check_forkable(h.task, h.uid)
-            if not h.pending:  # over a per-user limit: refused at the first write, not at close
-                self.kernel.check_quota(h.uid, h.task, h.task.config if h.task else None)
-            try:
-                self.kernel.check_prompt_bytes(buf, before=len(h.pending), uid=h.uid, utf8=h.utf8)
-            except AxfsError as e:
-                h.pending.clear()  # nothing of a refused prompt is submitted at close
-                h.utf8.reset()
-                raise self.kernel.reject(h.uid, h.task, e) from e
-            h.pending += buf
-            return len(buf)
-        if h.task is None:
-            raise _fail(errno.EBADF)
-        text = self._text(h, buf)
-        if node.kind == "replay_file":
-            if node.file != "ctl":
-                raise _fail(errno.EBADF)
-            self.kernel.replay(h.task, text)
-        elif node.file == "config":
-            self.kernel.configure(h.task, text)
-        elif node.file == "ctl":
-            self.kernel.control(h.task, text)
-        else:
-            raise _fail(errno.EBADF)
-        return len(buf)
-
-    def _text(self, h: Handle, buf: bytes) -> str:
-        try:
-            return buf.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise self.kernel.reject(h.uid, h.task, BadInput(f"{h.node.file}: not UTF-8 text")) from e
-
-    async def _submit_pending(self, h: Handle) -> None:
-        """Submit what was written to tasks/new or a draft's prompt, once."""
-        if not h.pending:
-            return
-        data = bytes(h.pending)
-        h.pending.clear()
-        if h.node.kind == "new":
-            h.submitted = await self.kernel.submit_new(h.uid, h.gid, data)
-        elif h.task is not None and h.node.file == "fork":
-            h.submitted = await self.kernel.fork(h.task, h.uid, h.gid, data)
-        elif h.task is not None:
-            await self.kernel.submit(h.task, data)
-            h.submitted = h.task
-
-    async def _finish_copy(self, h: Handle) -> None:
-        """The end of ``cp FILE models/``: the copy is checked and registered (its close
-        fails with EINVAL, the reason in the trace, when it is not a model)."""
-        copy = h.copy
-        if copy is None or copy.done:
-            return
-        self._copies.pop(copy.filename, None)
-        copy.done = True  # a second flush of the same file (a dup'ed descriptor) does nothing
-        try:
-            await trio.to_thread.run_sync(copy.finish)
-        except OSError as e:
-            copy.abort()
-            raise _fail(e.errno or errno.EIO) from e
-        self.kernel.register_copy(copy, h.uid)
-
-    @_boundary
-    async def flush(self, fh: int) -> None:
-        h = self._handle(fh)
-        await self._finish_copy(h)
-        await self._submit_pending(h)
-
-    @_boundary
-    async def release(self, fh: int) -> None:
-        h = self._handles.pop(fh, None)
-        if h is not None and h.node.file == "stream":
-            self._streams -= 1
-        if h is not None:
-            with contextlib.suppress(AxfsError, OSError):
-                await self._finish_copy(h)
-            with contextlib.suppress(AxfsError):  # refused and recorded; release cannot say so
-                await self._submit_pending(h)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 from axfs.kernel import Kernel
-from axfs.models import gguf_info
 from axfs.remote import RemoteRuntime
 from axfs.runtime import LocalRuntime
 from axfs.swap import SwapSpace
@@ -41,12 +40,14 @@ tasks/ID/stream      the generated text; a read waits for more text or the end (
 tasks/ID/status      state (draft queued running preempted done failed killed) and counters,
                      one "key value" per line
 tasks/ID/config      parameters, "key value" lines: model max_tokens temperature top_k
-                     top_p seed stop priority chat; writable until the task starts
+                     top_p seed stop priority chat; writable until the task starts;
+                     applied at close, all or nothing; > resets the rest, >> adds
 tasks/ID/ctl         write "kill" or "priority N" (a weight, 1-10000, default 100)
 tasks/ID/fork        write a follow-up -> a child task continuing this task's text and
                      sharing its KV; read the same open file -> the child's id
 tasks/ID/parent      (a fork's) symlink to the task it continues
-tasks/ID/error       why the task failed or why the last write to it was refused
+tasks/ID/error       why the task failed, and why the last write to it was refused
+                     (until a later write to it succeeds)
 rm -r tasks/ID       kill the task if it runs and remove it
 memory               the KV cache, like /proc/meminfo: used = running + cached, prefix
                      cache hits, evictions, swap; a section a loaded model
@@ -170,7 +171,9 @@ def sched(kernel: Kernel) -> str:
     section a loaded model (a blank line between), each beginning ``model NAME``."""
     sections = [_sched(kernel, r) for r in _local_runtimes(kernel)]
     sections += [_remote_sched(r) for r in kernel.runtimes.values() if isinstance(r, RemoteRuntime)]
-    return "\n".join(sections) if sections else "model none loaded\n"
+    # Whether submissions can be journaled (axfs.persist): the same in every section.
+    journal = f"journal {kernel.keeper.state if kernel.keeper else 'off'}\n"
+    return "\n".join(s + journal for s in sections) if sections else "model none loaded\n" + journal
 
 
 def _remote_sched(runtime: RemoteRuntime) -> str:
@@ -233,8 +236,10 @@ def model_info(kernel: Kernel, name: str) -> str:
                                 if not e.up else "")))
     else:
         rows += [("kind", "local"), ("path", entry.path), ("copied", "yes" if entry.copied else "no")]
-        try:
-            g = gguf_info(entry.path)
+        g = kernel.file_info(name)  # as last read: a request never waits on a user's file
+        if isinstance(g, str):
+            rows.append(("file_error", g))
+        else:
             rows += [
                 ("architecture", g.architecture), ("description", g.name),
                 ("parameters", g.parameters), ("quantisation", g.quantisation),
@@ -242,8 +247,6 @@ def model_info(kernel: Kernel, name: str) -> str:
                 ("vocab_size", g.vocab_size), ("size_bytes", g.size_bytes),
                 ("chat_template", "yes" if g.chat_template else "no"),
             ]
-        except (OSError, ValueError) as e:
-            rows.append(("file_error", str(e)))
         rows.append(("gpu_layers_setting", "auto" if entry.gpu_layers is None else entry.gpu_layers))
     rows.append(("template", entry.template or "-"))
     if isinstance(runtime, LocalRuntime):

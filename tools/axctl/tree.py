@@ -7,6 +7,7 @@ including the reason the tree wrote into the task's ``error`` file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -126,7 +127,8 @@ class Tree:
             while view:
                 view = view[os.write(fd, view):]
         except OSError as e:
-            os.close(fd)
+            with contextlib.suppress(OSError):  # the close says it again: nothing applied
+                os.close(fd)
             raise self._refused(rel, e, task) from None
         try:
             os.close(fd)
