@@ -127,7 +127,8 @@ async def test_admission_never_overcommits_the_kv_cache_under_a_burst() -> None:
                 stats = k.kv.stats()
                 assert stats.used_cells + stats.growth_cells <= stats.capacity_cells
                 peak = max(peak, stats.used_cells)
-                await trio.sleep(0)
+                # Not sleep(0): a loop that never sleeps keeps the GIL from the step's thread.
+                await trio.sleep(0.001)
         nursery.cancel_scope.cancel()
     assert all(t.state is State.DONE for t in tasks)
     assert peak <= 2000
