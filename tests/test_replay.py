@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import trio
 
@@ -39,7 +41,9 @@ async def test_a_replay_runs_alone_and_reports_match_or_the_first_difference() -
     assert result.startswith("mismatch token 5: expected '!' (33), got 'i' (105)")
     assert "ran in batches of up to 2 sequences; the replay ran alone" in result
     text = timeline(a, "")
-    assert "submit prompt_tokens=3" in text and "decode steps=" in text and "batch=2" in text
+    # b may join a's steps one step late: batch=2, or batch=1..2
+    assert "submit prompt_tokens=3" in text and "decode steps=" in text
+    assert re.search(r" batch=(1\.\.)?2\n", text), text
 
 
 async def test_an_unfinished_task_cannot_be_replayed() -> None:
