@@ -114,4 +114,5 @@ class LocalRuntime:
         return len(self.scheduler.running) + len(self.scheduler.waiting)
 
     def close(self) -> None:
+        self.engine.close()
         self.driver.close()
