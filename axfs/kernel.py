@@ -510,13 +510,16 @@ class Kernel(ModelControl):
         task.submit(text, tokens)
         task.model_sha = runtime.sha
         try:
-            self._record(task)
-        except AxfsError:  # not on disk, so not accepted: a draft stays a draft
-            task.state, task.submitted_at, task.waiting_since = State.DRAFT, 0.0, 0.0
-            task.prompt, task.prompt_tokens, task.model_prompt = "", [], ""
-            raise
+            if self.keeper is not None:
+                await self.keeper.submitted_off_thread(task)
+        except AxfsError as e:  # not on disk, so not accepted: a draft stays a draft
+            if not task.finished:
+                task.state, task.submitted_at, task.waiting_since = State.DRAFT, 0.0, 0.0
+                task.prompt, task.prompt_tokens, task.model_prompt = "", [], ""
+            raise self.reject(task.uid, task, e) from e
         self._latest[task.uid] = task.id
-        self._enqueue(task, runtime)
+        if not task.finished:  # not killed while its record was written
+            self._enqueue(task, runtime)
 
     def _record(self, task: Task) -> None:
         """Journal a submission before the write that made it returns (see axfs.journal);

@@ -72,6 +72,23 @@ class Keeper:
         self._written[task.id] = len(task.output_tokens)
         self._active[task.id] = task
 
+    async def submitted_off_thread(self, task: Task) -> None:
+        """``submitted``, its write and fsync in a worker thread: the tree goes on
+        answering and stepping while the disk writes (a few ms here, each submission),
+        and the write that submitted still returns only once the record is on disk."""
+        record = task_record(task, task.model_sha)
+        try:
+            await trio.to_thread.run_sync(self.journal.commit, record)
+        except OSError as e:
+            self._failed(e)
+            raise NotRecorded(f"{self.error}: the tree refuses work until it can write",
+                              e.errno or errno.EIO) from e
+        self._recovered()
+        self._written[task.id] = 0
+        self._active[task.id] = task
+        if task.finished:  # killed while its record was written: its end is journaled too
+            self.ended(task)
+
     def ended(self, task: Task) -> None:
         if task.id in self._active:
             self._ended.append(task)
