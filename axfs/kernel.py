@@ -59,7 +59,7 @@ class Kernel(ModelControl):
                  quota: Quota | None = None, registry: Registry | None = None,
                  loader: Loader | None = None, sha_of: Callable[[str], str] | None = None,
                  idle_unload_s: float = 0.0, copy_dir: Path | None = None,
-                 overlap: bool = True) -> None:
+                 overlap: bool | None = None) -> None:
         self.trace = trace or Trace()
         self.keeper = keeper
         self.registry = registry or Registry()

@@ -77,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a per-user limit: tasks, prompt_bytes, max_tokens, tokens_per_hour")
     m.add_argument("--prefix-cache", choices=["on", "off"], default="on",
                    help="keep ended tasks' KV for prompts that begin the same way")
-    m.add_argument("--overlap", choices=["on", "off"], default="on",
-                   help="publish a step's text while the model computes the next step")
+    m.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                   help="publish a step's text while the model computes the next step "
+                   "(auto: when the model runs on a GPU)")
     m.add_argument("--cache-cells", type=int, metavar="CELLS",
                    help="KV cells of ended tasks kept for the prefix cache, at most (default ctx/4)")
     m.add_argument("--swap-mem", type=int, default=512, metavar="MIB",
@@ -162,7 +163,7 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
                         journal=args.journal == "on", cache_cells=args.cache_cells,
                         gpu_layers=None if args.gpu_layers == "auto" else int(args.gpu_layers),
                         idle_unload=args.idle_unload, remote=tuple(args.remote),
-                        overlap=args.overlap == "on")
+                        overlap={"auto": None, "on": True, "off": False}[args.overlap])
     try:
         return serve(opts, ready)
     finally:

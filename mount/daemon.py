@@ -69,7 +69,7 @@ class MountOptions:
     gpu_layers: int | None = None  # the default model's; None: its models/NAME/ctl setting, else auto
     idle_unload: float = 600.0  # seconds a model other than the default stays loaded idle (0: never)
     remote: tuple[str, ...] = ()  # --remote values, "NAME=URL[,URL...]"
-    overlap: bool = True  # a step's text is published while the next step runs
+    overlap: bool | None = None  # a step's text published while the next runs (None: on a GPU)
 
 
 def prepare_mountpoint(mountpoint: Path) -> None:

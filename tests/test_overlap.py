@@ -26,7 +26,7 @@ def check_kv(k: Kernel, driver: GatedDriver) -> None:
 @pytest.fixture
 async def gated() -> AsyncIterator[tuple[Kernel, GatedDriver]]:
     driver = GatedDriver(n_seq_max=4)
-    k = Kernel(driver)
+    k = Kernel(driver, overlap=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(k.run)
         yield k, driver
@@ -118,3 +118,11 @@ async def test_the_same_tokens_with_and_without_overlap(overlap: bool) -> None:
     for i, t in enumerate(tasks):
         assert t.output.decode() == letters[i + 1 : i + 21], t.id
         assert t.finish_reason == "length"
+
+
+def test_overlap_by_default_only_where_the_model_runs_on_a_gpu() -> None:
+    on_cpu, on_gpu = FakeDriver(), FakeDriver()
+    on_gpu.info.extra["gpu_layers"] = "19"
+    assert not Kernel(on_cpu).engine.overlap and Kernel(on_gpu).engine.overlap
+    assert Kernel(FakeDriver(), overlap=True).engine.overlap
+    assert not Kernel(on_gpu, overlap=False).engine.overlap
