@@ -6,22 +6,13 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_CTX, Mount, mounted
+from tests.conftest import Mount
 from tests.test_mount import new_task
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
-
-
-@pytest.fixture(scope="module")
-def ax(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-    with mounted(tmp_path_factory.mktemp("edits"), tiny_model, "--ctx", str(TINY_CTX),
-                 "--slots", "16") as m:
-        yield m
 
 
 def draft(ax: Mount) -> str:

@@ -9,23 +9,15 @@ import os
 import shutil
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from axfs import userfiles
 from axfs.errors import BadInput
-from tests.conftest import TINY_CTX, Mount, mounted
+from tests.conftest import Mount
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
-
-
-@pytest.fixture(scope="module")
-def ax(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
-    with mounted(tmp_path_factory.mktemp("files"), tiny_model, "--ctx", str(TINY_CTX),
-                 "--slots", "4") as m:
-        yield m
 
 
 def unblock(fifo: Path) -> None:
