@@ -307,10 +307,7 @@ class Engine:
             if not ending:
                 text.append((task, token))
                 continue
-            if ending == "eos":
-                task.finish(State.DONE, "eos")
-            elif not task.add_piece(self.driver.piece(token)):
-                task.finish(State.DONE, ending)
+            task.end_with(ending, self.driver.piece(token))
             note_done(self.trace, task, task.finish_reason)
             self.end(task, task.state, task.finish_reason)
         return text

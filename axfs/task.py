@@ -213,13 +213,10 @@ class Task:
         """Apply one sampled token: end of generation, text, stop strings, limits."""
         self.take(token, time.time())
         ending = self.ends_with(eog, limit_reached)
-        if ending == "eos":
-            self.finish(State.DONE, "eos")
+        if ending:
+            self.end_with(ending, piece)
         elif not self.add_piece(piece):
-            if ending:
-                self.finish(State.DONE, ending)
-            else:
-                self.notify()
+            self.notify()
 
     # The engine applies a step in two passes (see Engine): ``take`` and ``ends_with``
     # for every token at once, then the text (``add_piece``), which may wait for the
@@ -239,6 +236,12 @@ class Task:
         if len(self.output_tokens) >= self.config.max_tokens:
             return "length"
         return "context" if limit_reached else ""
+
+    def end_with(self, ending: str, piece: bytes) -> None:
+        """Finish for ``ending`` (from ``ends_with``): the last token's text first, unless
+        it is the end-of-generation token (a stop string in that text wins)."""
+        if ending == "eos" or not self.add_piece(piece):
+            self.finish(State.DONE, ending)
 
     def add_piece(self, piece: bytes) -> bool:
         """Publish a token's text, less what may begin a stop string; True when a stop
