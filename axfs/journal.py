@@ -202,18 +202,7 @@ class Journal:
         cannot be done, and then the file ends as it did before the record."""
         data = msgpack.packb(record, use_bin_type=True)
         with self._write_lock:
-            self.flush(sync=False)
-            assert self._fd is not None
-            start = os.lseek(self._fd, 0, os.SEEK_END)
-            try:
-                view = memoryview(data)
-                while view:  # a short write is followed by one that fails (ENOSPC)
-                    view = view[os.write(self._fd, view):]
-                os.fsync(self._fd)
-            except OSError:
-                with contextlib.suppress(OSError):  # no part of a refused record stays
-                    os.ftruncate(self._fd, start)
-                raise
+            self._write_synced(data)
             self.bytes_written += len(data)
             self.records += 1
 
@@ -221,16 +210,27 @@ class Journal:
         """Whether a record of about ``size`` bytes can be written and fsync'ed now: one is,
         then cut off again. OSError if not."""
         with self._write_lock:
-            self.flush(sync=False)
+            start = self._write_synced(bytes(size))
             assert self._fd is not None
-            start = os.lseek(self._fd, 0, os.SEEK_END)
-            try:
-                view = memoryview(bytes(size))
-                while view:
-                    view = view[os.write(self._fd, view):]
-                os.fsync(self._fd)
-            finally:
+            os.ftruncate(self._fd, start)
+
+    def _write_synced(self, data: bytes) -> int:
+        """With the write lock held: write the buffer, then ``data`` at the file's end, and
+        fsync; the offset ``data`` starts at. OSError if it cannot be done, and then no
+        part of ``data`` stays in the file."""
+        self.flush(sync=False)
+        assert self._fd is not None
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:  # a short write is followed by one that fails (ENOSPC)
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError:
+            with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, start)
+            raise
+        return start
 
     def flush(self, sync: bool) -> int:
         """Write the buffer to the file (and fsync it with ``sync``); the bytes written.

@@ -62,32 +62,37 @@ class Keeper:
         """Record a submission (or a queued task's new config) on disk before the write
         that made it returns; NotRecorded, with the disk's errno, if it cannot be. Not
         ``durable``: with the next write (a fork's context, once its parent has ended)."""
-        record = task_record(task, task.model_sha)
-        if task.output_tokens:  # a resumed task: what it generated before stays its own
-            record["generated"] = list(task.output_tokens)
+        record = self._submission(task)
         if durable:
             self._commit(record)
         else:
             self.journal.append(record)
-        self._written[task.id] = len(task.output_tokens)
-        self._active[task.id] = task
+        self._accept(task)
 
     async def submitted_off_thread(self, task: Task) -> None:
         """``submitted``, its write and fsync in a worker thread: the tree goes on
         answering and stepping while the disk writes (a few ms here, each submission),
         and the write that submitted still returns only once the record is on disk."""
-        record = task_record(task, task.model_sha)
+        record = self._submission(task)
         try:
             await trio.to_thread.run_sync(self.journal.commit, record)
         except OSError as e:
-            self._failed(e)
-            raise NotRecorded(f"{self.error}: the tree refuses work until it can write",
-                              e.errno or errno.EIO) from e
+            raise self._refusal(e) from e
         self._recovered()
-        self._written[task.id] = 0
-        self._active[task.id] = task
+        self._accept(task)
         if task.finished:  # killed while its record was written: its end is journaled too
             self.ended(task)
+
+    @staticmethod
+    def _submission(task: Task) -> dict[str, Any]:
+        record = task_record(task, task.model_sha)
+        if task.output_tokens:  # a resumed task: what it generated before stays its own
+            record["generated"] = list(task.output_tokens)
+        return record
+
+    def _accept(self, task: Task) -> None:
+        self._written[task.id] = len(task.output_tokens)
+        self._active[task.id] = task
 
     def ended(self, task: Task) -> None:
         if task.id in self._active:
@@ -123,19 +128,21 @@ class Keeper:
         try:
             self.journal.probe(2 * size + 1024)  # the record has its text and its tokens
         except OSError as e:
-            self._failed(e)
-            raise NotRecorded(f"{self.error}: the tree refuses work until it can write",
-                              e.errno or errno.EIO) from e
+            raise self._refusal(e) from e
         self._recovered()
 
     def _commit(self, record: dict[str, Any]) -> None:
         try:
             self.journal.commit(record)
         except OSError as e:
-            self._failed(e)
-            raise NotRecorded(f"{self.error}: the tree refuses work until it can write",
-                              e.errno or errno.EIO) from e
+            raise self._refusal(e) from e
         self._recovered()
+
+    def _refusal(self, e: OSError) -> NotRecorded:
+        """A write failed: noted (trace, log, sched), and the refusal to raise."""
+        self._failed(e)
+        return NotRecorded(f"{self.error}: the tree refuses work until it can write",
+                           e.errno or errno.EIO)
 
     def _recovered(self) -> None:
         if self.error:
