@@ -281,6 +281,7 @@ class Engine:
         now = time.time()
         batch = len(plan.pieces)
         grow, charge, is_eog = self.scheduler.kv.grow, self.scheduler.charge, self.driver.is_eog
+        limit = self.scheduler.kv.seq_limit
         sampled = result.sampled
         text: list[tuple[Task, int]] = []
         for piece in plan.pieces:
@@ -303,7 +304,7 @@ class Engine:
             task.take(token, now)
             if first:
                 note_first_token(self.trace, task)
-            ending = task.ends_with(is_eog(token), task.num_history + 1 > task.kv_reserved)
+            ending = task.ends_with(is_eog(token), task.num_history + 1 > limit)
             if not ending:
                 text.append((task, token))
                 continue

@@ -14,9 +14,12 @@ needed).
 
 Admission is check, then commit: ``plan`` works out which sequence to copy a prefix
 from, which slot to use and which cached sequences to evict, without changing
-anything; ``commit`` applies that plan. A task reserves its whole context up front (its
-prompt plus ``max_tokens``, capped at the per-task context), so a running task never
-finds the cache full.
+anything; ``commit`` applies that plan. A task reserves its memory as it grows: its
+history (prompt and text so far) and ``RESERVE_AHEAD`` cells more at admission, then
+``RESERVE_AHEAD`` more each time it has used what it holds (``reserve``), never past its
+prompt plus ``max_tokens`` or the per-task context. So a running task never finds the
+cache full in the middle of a step, and a task that asks for a million tokens holds only
+what it has used. When there is no room to grow, the scheduler decides who gives way.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from drivers.base import SeqState
 
 MIN_PREFIX = 8  # shortest shared prefix worth copying (every prompt shares its BOS)
 WAIT_GAIN = 32  # a task waits for a prefix another task is computing if it saves this many
+RESERVE_AHEAD = 256  # cells a task reserves beyond what it has used
 
 
 class Block:
@@ -125,9 +129,14 @@ class KVManager:
 
     # -- questions -------------------------------------------------------------------
 
-    def need(self, task: Task) -> int:
-        """Cells ``task`` reserves: its prompt and room for every token it may generate."""
+    def limit(self, task: Task) -> int:
+        """Most cells ``task`` can ever hold: its prompt and every token it may generate,
+        within the per-task context."""
         return min(len(task.prompt_tokens) + task.config.max_tokens, self.seq_limit)
+
+    def need(self, task: Task) -> int:
+        """Cells ``task`` reserves to be admitted: its history and ``RESERVE_AHEAD`` more."""
+        return min(task.num_history + RESERVE_AHEAD, self.limit(task))
 
     def cells(self, slot: int) -> int:
         """Cells slot ``slot`` holds (shared ones included)."""
@@ -198,33 +207,41 @@ class KVManager:
                 return None
         adm = Admission(task=task, slot=-1, cells=need, source=source, prefix=prefix)
         victims = [s for s in self._cached if s not in pinned and s != source]
-        left: dict[int, int] = {}  # id(block) -> references left after the evictions
-        freed = 0
-
-        def evict(slot: int) -> None:
-            nonlocal freed
-            adm.evict.append(slot)
-            for b in self._blocks[slot]:
-                refs = left.get(id(b), b.refs) - 1
-                left[id(b)] = refs
-                if refs == 0:
-                    freed += b.size
-
+        first: list[int] = []  # a cached slot evicted for its slot, whatever it frees
         if self._free:
             adm.slot = self._free[-1]
         elif victims:
             adm.slot = victims[0]
-            evict(victims.pop(0))
+            first = victims[:1]
         elif source is not None and source in self._cached:
             adm.slot, adm.adopt = source, True
         else:
             return None
         free = self.capacity_cells - self.used_cells - self.growth_cells
-        while free + freed < need - prefix:
-            if not victims:
-                return None
-            evict(victims.pop(0))
+        evict = self._evictions(first, victims, need - prefix - free)
+        if evict is None:
+            return None
+        adm.evict = evict
         return adm
+
+    def _evictions(self, first: list[int], candidates: list[int], short: int
+                   ) -> list[int] | None:
+        """Cached slots to evict: ``first``, then ``candidates`` in order until ``short``
+        cells are freed (a cell shared with a sequence that stays is not freed); None
+        when all of them would not free enough."""
+        out: list[int] = []
+        left: dict[int, int] = {}  # id(block) -> references left after the evictions
+        freed = 0
+        for slot in [*first, *(c for c in candidates if c not in first)]:
+            if freed >= short and slot not in first:
+                break
+            out.append(slot)
+            for b in self._blocks[slot]:
+                refs = left.get(id(b), b.refs) - 1
+                left[id(b)] = refs
+                if refs == 0:
+                    freed += b.size
+        return out if freed >= short else None
 
     def commit(self, adm: Admission) -> None:
         """Apply a plan made by ``plan`` (in the same step, before anything else changed)."""
@@ -255,6 +272,26 @@ class KVManager:
             self.grow(slot, task.num_cached)
 
     # -- while running -----------------------------------------------------------------
+
+    def reserve(self, task: Task, pinned: set[int] | frozenset[int] = frozenset()
+                ) -> list[int] | None:
+        """Reserve ``RESERVE_AHEAD`` more cells (at most up to its limit) for the running
+        ``task``, evicting cached sequences (never ``pinned`` ones) for them. Returns the
+        evicted slots, for the driver to clear, or None (and changes nothing) when even
+        every cached sequence would not make room."""
+        extra = min(RESERVE_AHEAD, self.limit(task) - task.kv_reserved)
+        if extra <= 0:
+            return []
+        free = self.capacity_cells - self.used_cells - self.growth_cells
+        victims = self._evictions([], [s for s in self._cached if s not in pinned], extra - free)
+        if victims is None:
+            return None
+        for slot in victims:
+            self._drop(slot)
+            self._free.append(slot)
+            self.counters.evictions += 1
+        task.kv_reserved += extra
+        return victims
 
     def grow(self, slot: int, n: int) -> None:
         """``n`` new cells were computed for the sequence in ``slot``."""

@@ -27,6 +27,9 @@ class Policy(Protocol):
     # Whether a user with nothing running gets their first token at once: the step in
     # flight is aborted and their prompt's last chunk runs in a step of its own.
     boosts_newcomers: bool
+    # Whether memory is shared out too: when cells run out, the user holding the most
+    # gives way (see axfs.scheduler); otherwise the lowest-ranked task does.
+    shares_memory: bool
 
     def order(self, tasks: list[Task]) -> list[Task]:
         """``tasks``, best claim first."""
@@ -55,6 +58,7 @@ class _User:
 class FifoPolicy:
     name = "fifo"
     boosts_newcomers = False
+    shares_memory = False
 
     def __init__(self) -> None:
         self._tokens: dict[int, int] = defaultdict(int)
@@ -75,6 +79,7 @@ class FifoPolicy:
 class FairPolicy:
     name = "fair"
     boosts_newcomers = True
+    shares_memory = True
 
     def __init__(self) -> None:
         self._users: dict[int, _User] = {}

@@ -216,6 +216,7 @@ def _sched(kernel: Kernel, runtime: LocalRuntime) -> str:
             (f"user.{uid}.tokens", f"{tokens:g}"),
             (f"user.{uid}.running", sum(1 for t in mine if t.seq is not None)),
             (f"user.{uid}.waiting", sum(1 for t in mine if t.seq is None)),
+            (f"user.{uid}.kv_cells", sum(t.kv_reserved for t in mine if t.seq is not None)),
         ]
     return "".join(f"{k} {v}\n" for k, v in rows)
 
