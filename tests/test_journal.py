@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import errno
+import os
+import threading
+import time
 from pathlib import Path
 
 import msgpack
@@ -161,3 +164,63 @@ async def test_a_queued_tasks_new_config_and_a_kill_are_on_disk_when_the_write_r
     again = k2.get(queued.id)
     assert (again.config.max_tokens, again.config.seed) == (7, 5)
     assert k2.get(doomed.id).state is State.KILLED
+
+
+def test_submissions_that_arrive_together_share_one_fsync(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.02)  # a disk's flush: the other submissions queue meanwhile
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    threads = [threading.Thread(target=journal.commit, args=({"t": "task", "id": str(i)},))
+               for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    journal.close()
+    assert journal.records == 40 and 2 <= journal.syncs <= 20
+    with open(journal.path, "rb") as f:
+        ids = sorted(int(r["id"]) for r in msgpack.Unpacker(f, raw=False))
+    assert ids == list(range(40))
+
+
+def test_a_group_that_cannot_be_written_is_refused_whole(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = Journal(tmp_path)
+    journal.commit({"t": "task", "id": "kept"})
+    size = journal.path.stat().st_size
+    real_fsync, failed = os.fsync, threading.Event()
+
+    def full(fd: int) -> None:
+        time.sleep(0.02)
+        if not failed.is_set():
+            failed.set()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    errors: list[str] = []
+
+    def submit(i: int) -> None:
+        try:
+            journal.commit({"t": "task", "id": str(i)})
+        except OSError as e:
+            errors.append(str(i) if e.errno == errno.ENOSPC else repr(e))
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    journal.close()
+    with open(journal.path, "rb") as f:
+        kept = [r["id"] for r in msgpack.Unpacker(f, raw=False)]
+    assert errors and all(e.isdigit() for e in errors)
+    assert sorted(kept[1:] + errors, key=int) == [str(i) for i in range(10)]  # each once
+    assert kept[0] == "kept" and journal.path.stat().st_size > size
