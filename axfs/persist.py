@@ -238,7 +238,7 @@ class Keeper:
 
     def restore(self, kernel: Kernel) -> Loaded:
         """Bring back every journaled task: finished ones as they were, unfinished ones
-        queued again with what they had generated (see README, "Nothing lost")."""
+        queued again with what they had generated (see docs/tree.md, "Nothing lost")."""
         self._kernel = kernel
         loaded = self.journal.load()
         if loaded.torn_at is not None:

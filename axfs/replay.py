@@ -6,8 +6,8 @@ sha256). The copy runs *alone* (no other sequence in its steps) and computes its
 prompt (no prefix copied from another sequence), and ``replay/ID/result`` then reads
 ``match`` or where the first token differs. Why alone: llama.cpp's batched matrix
 products do not give bit-identical logits for a sequence decoded alone and inside a
-batch (README, Replay), so a task that ran in batches can replay differently, and the
-result says so (see README, "Replay").
+batch (docs/design.md, Replay), so a task that ran in batches can replay differently,
+and the result says so (docs/tree.md, Replay).
 """
 
 from __future__ import annotations

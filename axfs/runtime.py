@@ -60,7 +60,7 @@ class LocalOptions:
     # A step's text published while the next step runs (axfs.engine); None: when the
     # model runs on a GPU. On a CPU whose every core runs llama.cpp's step, the work
     # overlapped takes a core from the step: measured here (Gemma 3 270M, 2 cores, N=8,
-    # 5 rounds each) 0.95x of the driver alone with it, 1.03x without (README).
+    # 5 rounds each) 0.95x of the driver alone with it, 1.03x without (docs/benchmarks.md, "The hot path").
     overlap: bool | None = None
 
 

@@ -77,7 +77,7 @@ def _abort_flag() -> tuple[ctypes.Array[ctypes.c_char], object]:
 
 
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX, whose llama.cpp repack path crashes here (README, Architecture)."""
+    """Whether this CPU has AMX, whose llama.cpp repack path crashes here (docs/design.md, Architecture)."""
     try:
         with open("/proc/cpuinfo") as f:
             return any(line.startswith("flags") and " amx_" in line for line in f)
@@ -143,7 +143,7 @@ class LlamaCppDriver:
         gpu, n_gpu_layers = self._plan_gpu(path, n_ctx, gpu_layers)
         mparams = lc.llama_model_default_params()
         # Repacked weight layouts make batched steps about a quarter faster here, but
-        # llama.cpp's AMX repack path crashes on the first decode (README, Architecture): by default
+        # llama.cpp's AMX repack path crashes on the first decode (docs/design.md, Architecture): by default
         # repack everywhere except on CPUs with AMX.
         self.repack = not cpu_has_amx() if repack is None else repack
         mparams.use_extra_bufts = self.repack

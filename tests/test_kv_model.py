@@ -2,7 +2,7 @@
 from scratch gives (greedy), and the manager's cell counts agree with llama.cpp's.
 
 Each comparison runs its tasks one at a time, so that every sequence is decoded alone
-both ways: a sequence decoded inside a batch may differ in its last bits (README, Replay).
+both ways: a sequence decoded inside a batch may differ in its last bits (docs/design.md, Replay).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def test_restart_keeps_every_task_and_runs_on_the_unfinished(tiny_model: Path, t
 
 def test_sigkill_loses_nothing(tiny_model: Path, tmp_path: Path) -> None:
     """16 tasks, one at a time (fifo, one slot), so that each is decoded alone both ways:
-    decoded in a batch, a sequence's last bits can differ from decoded alone (README, Replay)."""
+    decoded in a batch, a sequence's last bits can differ from decoded alone (docs/design.md, Replay)."""
     names = [f"s{i}" for i in range(16)]
     ref, _ = up(tmp_path / "ref", tiny_model, *ALONE)
     try:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev
 
 UNITS = REPO / "mount"
 HELPER = REPO / "mount" / "mount.fuse.axfs"
-INSTALLED = "/usr/local/bin/axfs"  # where the units expect axfs (README: a symlink to .venv/bin/axfs)
+INSTALLED = "/usr/local/bin/axfs"  # where the units expect axfs (docs/tree.md, "systemd": .venv/bin/axfs)
 
 
 def unit_values(unit: Path, key: str) -> list[str]:

@@ -39,7 +39,7 @@ say "python environment (.venv)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # GGML_NATIVE=OFF: a portable AVX2 build with no AMX path, which crashes on these
-# machines (README, Architecture); the benchmark's baseline uses the same library.
+# machines (docs/design.md, Architecture); the benchmark's baseline uses the same library.
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" .venv/bin/python -m pip install -q -e '.[test,model]'
 
 say "llama-server (build/llama-server; a no-op once built)"

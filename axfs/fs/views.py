@@ -1,7 +1,7 @@
 """The text of the tree's read-only files, rendered from kernel state.
 
-These are the interface's formats: README documents each of them; change them only
-together with README.
+These are the interface's formats: docs/tree.md documents each of them; change them
+only together with docs/tree.md.
 """
 
 from __future__ import annotations
