@@ -4,7 +4,6 @@ shell sees the refusal (issue 19); and the smaller promises of config, ctl and e
 from __future__ import annotations
 
 import errno
-import os
 import time
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from tests.conftest import Mount
 from tests.test_mount import new_task
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 
 def draft(ax: Mount) -> str:
