@@ -41,8 +41,10 @@ from typing import Any
 
 import msgpack
 
+from axfs import timeline
 from axfs.config import TaskConfig
 from axfs.task import State, Task
+from axfs.timeline import Finish
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def end_record(task: Task) -> dict[str, Any]:
         "t": "end", "id": task.id, "state": task.state.value, "reason": task.finish_reason,
         "error": task.error, "text": bytes(task.output), "preempted": task.num_preempted,
         "processed": task.num_processed, "waited": task.waited_s, "reused": task.prefix_reused,
-        "timeline": task.timeline, **{k: getattr(task, k) for k in TIMES},
+        "timeline": [e.record() for e in task.timeline], **{k: getattr(task, k) for k in TIMES},
     }
 
 
@@ -108,13 +110,13 @@ def make_task(entry: Entry) -> Task:
         task.output_tokens = list(entry.tokens)
         task.output = bytearray(end["text"])
         task.state = State(end["state"])
-        task.finish_reason = end["reason"]
+        task.finish_reason = Finish(end["reason"])
         task.error = end["error"]
         task.num_preempted = end.get("preempted", 0)
         task.num_processed = end.get("processed", 0)
         task.waited_s = end.get("waited", 0.0)
         task.prefix_reused = end.get("reused", 0)
-        task.timeline = [tuple(e) for e in end.get("timeline", [])]
+        task.timeline = [timeline.entry(e) for e in end.get("timeline", [])]
         for k in TIMES:
             setattr(task, k, end.get(k, getattr(task, k)))
     return task

@@ -19,7 +19,8 @@ import trio
 
 from axfs.engine import note_done, note_first_token
 from axfs.task import State, Task
-from axfs.trace import Trace
+from axfs.timeline import Finish
+from axfs.trace import Event, Trace
 from drivers.base import DriverError
 from drivers.openai import Pool, Request
 
@@ -46,7 +47,7 @@ class RemoteRuntime:
         self.num_tokens = 0
 
     def _event(self, kind: str, fields: dict[str, str]) -> None:
-        self.trace.emit(kind, model=self.name, **fields)
+        self.trace.emit(Event(kind), model=self.name, **fields)
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -71,8 +72,8 @@ class RemoteRuntime:
                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                           seed=config.seed, stop=tuple(config.stop))
         task.start(-1, 0)
-        task.mark("admit", remote="yes")
-        self.trace.emit("admit", task.id, task.uid, model=self.name, remote="yes")
+        task.mark(Event.ADMIT, remote="yes")
+        self.trace.emit(Event.ADMIT, task.id, task.uid, model=self.name, remote="yes")
 
         def on_text(text: str) -> None:
             first = not task.output_tokens
@@ -85,8 +86,8 @@ class RemoteRuntime:
             try:
                 outcome = await self.pool.complete(request, on_text)
             except DriverError as e:
-                self.trace.emit("error", task.id, task.uid, reason=str(e))
-                self.end(task, State.FAILED, "error", f"remote error: {e}")
+                self.trace.emit(Event.ERROR, task.id, task.uid, reason=str(e))
+                self.end(task, State.FAILED, Finish.ERROR, f"remote error: {e}")
                 return
             finally:
                 self._running.pop(task.id, None)
@@ -96,11 +97,11 @@ class RemoteRuntime:
             if missing > 0:
                 task.output_tokens += [-1] * missing
                 self.num_tokens += missing
-            reason = "length" if outcome.finish_reason == "length" else "stop"
+            reason = Finish.LENGTH if outcome.finish_reason == "length" else Finish.STOP
             note_done(self.trace, task, reason, endpoint=outcome.endpoint, moves=outcome.moves)
             self.end(task, State.DONE, reason)
 
-    def end(self, task: Task, state: State, reason: str, error: str = "") -> None:
+    def end(self, task: Task, state: State, reason: Finish, error: str = "") -> None:
         scope = self._running.pop(task.id, None)
         if scope is not None:
             scope.cancel()  # closes the connection: the server stops generating

@@ -13,14 +13,17 @@ and the result says so (docs/tree.md, Replay).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from axfs.errors import BadInput, Busy
+from axfs import ctl
+from axfs.errors import Busy
+from axfs.runtime import LocalRuntime
 from axfs.task import Task
+from axfs.timeline import GENERATED, Steps
+from axfs.trace import Event, Trace
 
-if TYPE_CHECKING:
-    from axfs.kernel import Kernel
+COMMANDS = (ctl.Verb("run"),)  # replay/ID/ctl
 
 
 @dataclass(slots=True)
@@ -32,8 +35,11 @@ class Replay:
 
 
 class Replays:
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
+    """The replays of tasks: ``local`` finds the local runtime of a model, if loaded."""
+
+    def __init__(self, trace: Trace, local: Callable[[str], LocalRuntime | None]) -> None:
+        self.trace = trace
+        self.local = local
         self._replays: dict[str, Replay] = {}
         self._running: dict[int, Replay] = {}  # id(runner) -> its replay
 
@@ -42,8 +48,7 @@ class Replays:
         return replay.result if replay is not None else ""
 
     def control(self, task: Task, text: str) -> None:
-        if text.split() != ["run"]:
-            raise BadInput(f"replay ctl: cannot parse {text.strip()[:60]!r} (commands: run)")
+        ctl.parse(COMMANDS, f"replay/{task.id}/ctl", text)  # run, the only command
         self.run(task)
 
     def run(self, task: Task) -> None:
@@ -55,8 +60,7 @@ class Replays:
         if replay.runner is not None:
             raise Busy(f"a replay of task {task.id} is running")
         replay.runs += 1
-        k = self.kernel
-        runtime = k.local(task.config.model)
+        runtime = self.local(task.config.model)
         if runtime is None:
             replay.runs -= 1
             raise Busy(f"model {task.config.model} is not loaded here: replay runs on a local "
@@ -64,10 +68,10 @@ class Replays:
         if task.model_sha and runtime.sha and task.model_sha != runtime.sha:
             replay.result = (f"mismatch model: task {task.id} ran on a model file with sha256 "
                              f"{task.model_sha}, the mounted one has {runtime.sha}\n")
-            k.trace.emit("replay", task.id, task.uid, result="mismatch", why="model")
+            self.trace.emit(Event.REPLAY, task.id, task.uid, result="mismatch", why="model")
             return
         config = task.config.copy()
-        if task.finish_reason not in ("eos", "stop", "length", "context"):
+        if task.finish_reason not in GENERATED:
             config.max_tokens = max(1, task.num_generated)  # killed or failed: as far as it got
         runner = Task(f"replay-{task.id}-{replay.runs}", task.uid, task.gid, config)
         runner.exclusive = True
@@ -75,7 +79,7 @@ class Replays:
         replay.runner = runner
         replay.result = "running\n"
         self._running[id(runner)] = replay
-        k.trace.emit("replay", task.id, task.uid, run=replay.runs, tokens=task.num_generated)
+        self.trace.emit(Event.REPLAY, task.id, task.uid, run=replay.runs, tokens=task.num_generated)
         runtime.engine.add(runner)
 
     def ended(self, runner: Task) -> None:
@@ -84,7 +88,7 @@ class Replays:
             return
         replay.runner = None
         replay.result = self._compare(replay.original, runner)
-        self.kernel.trace.emit("replay", replay.original.id, runner.uid,
+        self.trace.emit(Event.REPLAY, replay.original.id, runner.uid,
                                result=replay.result.split()[0],
                                seconds=round(time.time() - runner.submitted_at, 3))
 
@@ -104,14 +108,13 @@ class Replays:
         return f"match {len(want)} tokens\n"
 
     def _piece(self, token: int, model: str) -> str:
-        runtime = self.kernel.local(model)
+        runtime = self.local(model)
         text = runtime.piece(token).decode("utf-8", "replace") if runtime else "?"
         return repr(text)
 
     @staticmethod
     def _batched(task: Task) -> str:
-        most = max((d.get("batch_max", 1) for _, kind, d in task.timeline
-                    if kind in ("prefill", "decode")), default=1)
+        most = max((e.batch_max for e in task.timeline if isinstance(e, Steps)), default=1)
         return f" (the task ran in batches of up to {most} sequences; the replay ran alone)" \
             if most > 1 else ""
 
@@ -122,13 +125,12 @@ def timeline(task: Task, model_sha: str) -> str:
             f"prompt_tokens {len(task.prompt_tokens)}", f"generated_tokens {task.num_generated}",
             f"state {task.state.value}", ""]
     rows = []
-    for at, kind, d in task.timeline:
-        if kind in ("prefill", "decode"):
-            batch = (f"{d['batch_min']}" if d["batch_min"] == d["batch_max"]
-                     else f"{d['batch_min']}..{d['batch_max']}")
-            rows.append(f"{at:10.1f} - {d['until_ms']:.1f} ms {kind} steps={d['steps']} "
-                        f"tokens={d['tokens']} batch={batch}")
+    for e in task.timeline:
+        if isinstance(e, Steps):
+            batch = f"{e.batch_min}" if e.batch_min == e.batch_max else f"{e.batch_min}..{e.batch_max}"
+            rows.append(f"{e.at:10.1f} - {e.until_ms:.1f} ms {e.kind} steps={e.steps} "
+                        f"tokens={e.tokens} batch={batch}")
         else:
-            extra = "".join(f" {key}={v}" for key, v in d.items())
-            rows.append(f"{at:10.1f} ms {kind}{extra}")
+            extra = "".join(f" {key}={v}" for key, v in e.details.items())
+            rows.append(f"{e.at:10.1f} ms {e.kind}{extra}")
     return "\n".join(head + rows) + "\n"

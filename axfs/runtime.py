@@ -19,7 +19,8 @@ from axfs.policy import make_policy
 from axfs.scheduler import Scheduler
 from axfs.swap import SwapSpace
 from axfs.task import State, Task
-from axfs.trace import Trace
+from axfs.timeline import Finish
+from axfs.trace import Event, Trace
 from drivers.base import Driver
 
 
@@ -34,7 +35,7 @@ class Runtime(Protocol):
 
     def add(self, task: Task) -> None: ...
 
-    def end(self, task: Task, state: State, reason: str, error: str = "") -> None: ...
+    def end(self, task: Task, state: State, reason: Finish, error: str = "") -> None: ...
 
     def tokenize(self, text: str, bos: bool = True, special: bool = False) -> list[int]: ...
 
@@ -80,7 +81,7 @@ class LocalRuntime:
         self.engine = Engine(driver, self.scheduler, trace, swap or SwapSpace(options.swap_mem, None),
                              overlap=self._overlap(driver, options.overlap))
         self.engine.swap.on_error = lambda task_id, why: trace.emit(
-            "error", task_id, self._owner(task_id), reason=why)
+            Event.ERROR, task_id, self._owner(task_id), reason=why)
         self.engine.on_end = self._ended
         self.on_end: Callable[[Task], None] | None = None
         self.last_used = time.monotonic()
@@ -98,7 +99,7 @@ class LocalRuntime:
         self.last_used = time.monotonic()
         self.engine.add(task)
 
-    def end(self, task: Task, state: State, reason: str, error: str = "") -> None:
+    def end(self, task: Task, state: State, reason: Finish, error: str = "") -> None:
         self.engine.end(task, state, reason, error)
 
     def _ended(self, task: Task) -> None:

@@ -22,6 +22,28 @@ REPO = Path(__file__).resolve().parent.parent
 AXFS = [sys.executable, "-m", "mount.cli"]
 TINY_CTX = 65536
 
+# Test tiers (registered in pyproject.toml). A test's fixtures mark most of them; a test
+# that mounts or starts servers itself says so with its own mark, and one with no other
+# tier is a unit test.
+TIERS = ("adapter", "mount", "model", "server")
+MOUNT_FIXTURES = frozenset({"ax", "ax1", "shared", "tight", "mu", "pm", "fz", "gemma", "small_disk"})
+MODEL_FIXTURES = frozenset({"tiny_model", "gemma_model"})
+SERVER_FIXTURES = frozenset({"binary"})
+HAS_FUSE = os.path.exists("/dev/fuse")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for tier, names in (("mount", MOUNT_FIXTURES), ("model", MODEL_FIXTURES),
+                            ("server", SERVER_FIXTURES)):
+            if fixtures & names:
+                item.add_marker(tier)
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker("unit")
+        if not HAS_FUSE and item.get_closest_marker("mount"):  # the one skip for /dev/fuse
+            item.add_marker(pytest.mark.skip(reason="no /dev/fuse"))
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import Mount, mounted
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 BUDGET_S = 30.0
 MAX_EXAMPLES = 2000

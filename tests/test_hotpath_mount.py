@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TINY_CTX, Mount, mounted
+
+pytestmark = pytest.mark.mount
 
 PROMPTS = [f"stream {i}: the quick brown fox" for i in range(16)]
 

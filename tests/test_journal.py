@@ -17,7 +17,7 @@ from axfs.journal import NAME, Journal
 from axfs.kernel import Kernel
 from axfs.persist import Keeper, Retention
 from axfs.task import State, Task
-from tests.fakes import FakeDriver
+from tests.fakes import FakeDriver, local
 from tests.test_sched import run_until, start
 
 
@@ -56,8 +56,8 @@ async def test_finished_tasks_come_back_as_they_were(tmp_path: Path) -> None:
 async def test_unfinished_tasks_run_on_from_their_tokens(tmp_path: Path) -> None:
     k = kernel(tmp_path)
     k.restore()
-    assert isinstance(k.driver, FakeDriver)
-    k.driver.step_delay = 0.002
+    assert isinstance(local(k).driver, FakeDriver)
+    local(k).driver.step_delay = 0.002
     long = await start(k, 1, "a", max_tokens=300, temperature=0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(k.run)

@@ -9,7 +9,7 @@ from axfs.fs import views
 from axfs.kernel import Kernel
 from axfs.kv import RESERVE_AHEAD
 from axfs.task import State
-from tests.fakes import FakeDriver
+from tests.fakes import FakeDriver, local
 from tests.test_sched import run_until, start
 
 LETTERS = "".join(chr(ord("a") + (i + 1) % 26) for i in range(2000))  # the fake's text after "a"
@@ -25,7 +25,7 @@ async def test_a_task_reserves_its_memory_as_it_grows() -> None:
         assert f"user.0.kv_cells {1 + RESERVE_AHEAD}\n" in views.sched(k)
         await run_until(k, lambda: hog.num_generated > 2 * RESERVE_AHEAD)
         assert hog.num_cached <= hog.kv_reserved <= hog.num_history + RESERVE_AHEAD
-        assert k.kv.stats().free_cells > 4096 - 4 * RESERVE_AHEAD
+        assert local(k).kv.stats().free_cells > 4096 - 4 * RESERVE_AHEAD
         nursery.cancel_scope.cancel()
 
 
@@ -37,11 +37,11 @@ async def test_a_task_holding_the_whole_cache_gives_way_to_another_users_first_t
     async with trio.open_nursery() as nursery:
         nursery.start_soon(k.run)
         await run_until(k, lambda: hog.num_cached > 1024 - RESERVE_AHEAD // 2)
-        assert k.kv.stats().free_cells == 0  # it holds every cell
-        steps = k.engine.num_steps
+        assert local(k).kv.stats().free_cells == 0  # it holds every cell
+        steps = local(k).engine.num_steps
         guest = await start(k, 1001, max_tokens=10)
         await run_until(k, lambda: guest.num_generated > 0)
-        assert k.engine.num_steps - steps <= 4, "the guest waited for the hog"
+        assert local(k).engine.num_steps - steps <= 4, "the guest waited for the hog"
         await run_until(k, lambda: guest.finished and hog.finished, limit=20)
         nursery.cancel_scope.cancel()
     assert guest.state is State.DONE and guest.output.decode() == LETTERS[:10]
@@ -59,7 +59,7 @@ async def test_when_growth_runs_out_the_user_over_their_share_gives_way() -> Non
         nursery.start_soon(k.run)
         with trio.fail_after(30):
             while not all(t.finished for t in [*big, small]):
-                stats = k.kv.stats()
+                stats = local(k).kv.stats()
                 assert stats.used_cells + stats.growth_cells <= stats.capacity_cells
                 peak = max(peak, stats.used_cells)
                 await trio.sleep(0.001)

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import Mount
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 
 def new_task(ax: Mount, prompt: str = "hello world", **config: object) -> str:

@@ -16,6 +16,8 @@ from axfs.fs.operations import Operations
 from axfs.kernel import Kernel
 from tests.fakes import FakeDriver
 
+pytestmark = pytest.mark.adapter
+
 
 @dataclass
 class Ctx:

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import Mount, mount, umount
 from tests.tinymodel import write_tiny_gguf
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 
 def up(base: Path, model: Path, *extra: str) -> tuple[Mount, int]:

@@ -22,6 +22,8 @@ import pytest
 from tests.conftest import TINY_CTX, Mount, mounted
 from tests.test_multiuser import as_user, needs_users
 
+pytestmark = pytest.mark.mount
+
 USER = 1001
 # Numbers written as config values: root's and the user's (distinct from each other
 # and unlikely to be a count).

@@ -6,8 +6,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import mounted
 from tests.servers import binary_or_skip, llama_server
+
+pytestmark = [pytest.mark.mount, pytest.mark.server]
 
 
 def test_remote_model_streams_spreads_and_fails_over(tiny_model: Path, tmp_path: Path) -> None:

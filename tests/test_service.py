@@ -23,7 +23,7 @@ import pytest
 from mount.cli import pid_file, process_alive
 from tests.conftest import AXFS, REPO, TINY_CTX, umount
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 UNITS = REPO / "mount"
 HELPER = REPO / "mount" / "mount.fuse.axfs"
