@@ -5,8 +5,9 @@ them should hold the model's sequence slots. A waiting task among them is admitt
 when a slot and its KV cells are free (cached sequences are evicted for it; see
 axfs.kv); if not, running tasks ranked below the slots that have had their turn are
 preempted to make room, but only when that makes enough room (check, then commit). A
-turn is ``quantum`` tokens since admission, or ``min_turn`` when the waiting task is a
-newcomer, so that tasks do not trade places (and swap their KV) at every step. Every
+turn is ``quantum`` tokens generated since admission, or ``min_turn`` tokens run when the
+waiting task is a newcomer, so that tasks do not trade places (and swap their KV) at
+every step (see ``_had_turn``). Every
 admitted task with one token pending decodes it (continuous batching); the step's
 remaining token budget goes to prompt prefill in chunks, best ranked first, so a long
 prompt never stalls running streams. Under the fair policy, the first token of a user who had
@@ -81,7 +82,7 @@ class Scheduler:
         self.policy = policy
         self.prefill_chunk = min(prefill_chunk, n_batch)
         self.min_turn = min_turn  # tokens a task runs before a newcomer may preempt it
-        self.quantum = quantum  # tokens a task runs before anyone else may
+        self.quantum = quantum  # tokens a task generates before anyone else may preempt it
         self.costs = Costs()
         self.waiting: deque[Task] = deque()
         self.running: list[Task] = []
@@ -190,11 +191,11 @@ class Scheduler:
         outside the slots first, then (fair policy) those of users holding more memory
         than ``task``'s user; never one whose prefix this step copies or one that has not
         had its turn."""
-        turn = self.min_turn if self.is_newcomer(task) else self.quantum
+        newcomer = self.is_newcomer(task)
         victims = [t for t in reversed(ranked) if t.seq is not None and t not in wanted
-                   and t.seq not in pinned and t.num_processed - t.processed_at_start >= turn]
+                   and t.seq not in pinned and self._had_turn(t, newcomer)]
         need = self.kv.need(task)
-        victims += [t for t in self._richer(task, ranked, plan, pinned, turn, need)
+        victims += [t for t in self._richer(task, ranked, plan, pinned, newcomer, need)
                     if t not in victims]
         stats = self.kv.stats()
         slots = stats.slots - stats.slots_running  # cached slots can be evicted
@@ -224,7 +225,7 @@ class Scheduler:
                 if dropped is not None:
                     plan.dropped += dropped
                     break
-                richer = self._richer(task, ranked, plan, pinned, self.quantum, RESERVE_AHEAD)
+                richer = self._richer(task, ranked, plan, pinned, False, RESERVE_AHEAD)
                 victim = richer[0] if richer else self._own_last(task, ranked, plan)
                 if victim.seq in pinned:
                     stalled.add(task)
@@ -232,14 +233,24 @@ class Scheduler:
                 self._preempt(victim, plan)
         return stalled
 
+    def _had_turn(self, task: Task, newcomer: bool) -> bool:
+        """Whether the running ``task`` may give way: for a newcomer once it has run
+        ``min_turn`` tokens since it was admitted; for anyone else once it has generated
+        ``quantum`` tokens since (a task still reading its prompt does not give way to
+        them: else a burst of long prompts would take turns a chunk each, each saving
+        and restoring its half-read prompt, and every first token would come last)."""
+        if newcomer:
+            return task.num_processed - task.processed_at_start >= self.min_turn
+        return len(task.output_tokens) - task.generated_at_start >= self.quantum
+
     def _richer(self, task: Task, ranked: list[Task], plan: StepPlan, pinned: set[int],
-                turn: int, need: int) -> list[Task]:
+                newcomer: bool, need: int) -> list[Task]:
         """Under the fair policy, the running tasks that give way so that ``task`` has
         ``need`` cells more, when its user holds less than a user's share of the cache
         (the cells over the users with tasks) and, to get in, would stay within it or
         waits for its first token: tasks of users who hold more than a share, the
         furthest over first, each user's lowest-ranked first. Only tasks past their first
-        token that have had their ``turn``, were not admitted in this step and are no
+        token that have had their turn, were not admitted in this step and are no
         copy's source in it: so two users who each want more than a share take turns by
         whole tasks, not by steps."""
         if not self.policy.shares_memory:
@@ -255,7 +266,7 @@ class Scheduler:
         return sorted((t for t in reversed(ranked)
                        if t.seq is not None and held[t.uid] > share and t.output_tokens
                        and t.seq not in pinned and t not in admitted
-                       and t.num_processed - t.processed_at_start >= turn),
+                       and self._had_turn(t, newcomer)),
                       key=lambda t: -held[t.uid])
 
     def _own_last(self, task: Task, ranked: list[Task], plan: StepPlan) -> Task:

@@ -62,6 +62,7 @@ class Task:
         self.num_preempted = 0
         self.num_processed = 0  # tokens run through the model for it (prefill and decode)
         self.processed_at_start = 0  # num_processed when it was last admitted
+        self.generated_at_start = 0  # tokens generated when it was last admitted
         self.waited_s = 0.0  # time runnable but not admitted, before the current wait
         self.waiting_since = 0.0  # when the current wait began (0: not waiting)
         self.created_at = time.time()
@@ -177,6 +178,7 @@ class Task:
             self.waited_s += now - self.waiting_since
             self.waiting_since = 0.0
         self.processed_at_start = self.num_processed
+        self.generated_at_start = len(self.output_tokens)
         self.notify()
 
     def preempt(self, keep_kv: bool) -> None:

@@ -92,3 +92,17 @@ async def test_users_who_each_want_more_than_a_share_take_turns_by_tasks_not_ste
         nursery.cancel_scope.cancel()
     assert all(t.output.decode() == LETTERS[:1500] for t in tasks)
     assert sum(t.num_preempted for t in tasks) <= 12  # not one each way every few steps
+
+
+async def test_a_burst_of_long_prompts_is_read_one_prompt_at_a_time() -> None:
+    k = Kernel(FakeDriver(n_seq_max=8, n_ctx=1024))
+    tasks = [await start(k, 1, prompt=chr(65 + i) * 600, max_tokens=4) for i in range(12)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.run)
+        await run_until(k, lambda: all(t.finished for t in tasks), limit=30)
+        nursery.cancel_scope.cancel()
+    assert all(t.state is State.DONE for t in tasks)
+    # one prompt fits at a time: taking turns a chunk each would preempt at every chunk
+    assert local(k).scheduler.num_preemptions <= 2
+    firsts = sorted(t.first_token_at for t in tasks)
+    assert firsts[0] < tasks[-1].finished_at  # the first answer did not wait for the last
