@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,8 +64,17 @@ def gemma_model() -> Path:
 
 
 def sh(script: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` in bash; the mount point is in $AX."""
-    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=timeout)
+    """Run ``script`` in bash; the mount point is in $AX. On a timeout the whole process
+    group is killed: a ``cat`` left reading the tree would keep it from unmounting."""
+    proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and done.returncode != 0:
         raise AssertionError(f"{script!r} exited {done.returncode}: {done.stderr}")
     return done
