@@ -331,6 +331,24 @@ class Kernel(ModelControl):
                 raise BadInput(f"prompt is not valid UTF-8 ({e.reason} at byte "
                                f"{before - held + e.start})") from e
 
+    def check_prompt_write(self, uid: int, task: Task | None, data: bytes, before: int,
+                           utf8: codecs.IncrementalDecoder, fork: bool = False,
+                           submitted: bool = False) -> None:
+        """One write of a prompt through an open file: to tasks/new (``task`` None), to a
+        draft's prompt, or (``fork``) a follow-up to ``task``. ``before``: bytes written
+        through it already (at the first write, the quota is checked); ``submitted``: the
+        open file has submitted its prompt already. A refusal is recorded and raised."""
+        if submitted or (task is not None and not fork and task.state is not State.DRAFT):
+            raise self.reject(uid, task, Busy("the prompt was already submitted"))
+        if fork and task is not None:
+            self.check_forkable(task, uid)
+        if not before:  # over a per-user limit: refused at the first write, not at close
+            self.check_quota(uid, task, task.config if task else None, len(data))
+        try:
+            self.check_prompt_bytes(data, before=before, uid=uid, utf8=utf8)
+        except AxfsError as e:
+            raise self.reject(uid, task, e) from e
+
     async def submit(self, task: Task, data: bytes) -> None:
         """Queue the draft ``task`` with ``data`` as its prompt."""
         if task.state is not State.DRAFT:
