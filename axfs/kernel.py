@@ -191,6 +191,11 @@ class Kernel:
                     size: int = 0) -> None:
         self.submissions.check_quota(uid, task, config, size)
 
+    def check_prompt_write(self, uid: int, task: Task | None, data: bytes, before: int,
+                           utf8: codecs.IncrementalDecoder, fork: bool = False,
+                           submitted: bool = False) -> None:
+        self.submissions.check_prompt_write(uid, task, data, before, utf8, fork, submitted)
+
     def check_forkable(self, parent: Task, uid: int) -> None:
         self.submissions.check_forkable(parent, uid)
 

@@ -7,6 +7,8 @@ refusal is recorded (axfs.refusals) before it is raised.
 
 from __future__ import annotations
 
+import codecs
+
 import trio
 
 from axfs.config import TaskConfig
@@ -45,6 +47,24 @@ class Submissions:
             self.quota.check_submit(uid, config)
             if self.keeper is not None:
                 self.keeper.check(size)
+        except AxfsError as e:
+            raise self.reject(uid, task, e) from e
+
+    def check_prompt_write(self, uid: int, task: Task | None, data: bytes, before: int,
+                           utf8: codecs.IncrementalDecoder, fork: bool = False,
+                           submitted: bool = False) -> None:
+        """One write of a prompt through an open file: to tasks/new (``task`` None), to a
+        draft's prompt, or (``fork``) a follow-up to ``task``. ``before``: bytes written
+        through it already (at the first write, the quota is checked); ``submitted``: the
+        open file has submitted its prompt already. A refusal is recorded and raised."""
+        if submitted or (task is not None and not fork and task.state is not State.DRAFT):
+            raise self.reject(uid, task, Busy("the prompt was already submitted"))
+        if fork and task is not None:
+            self.check_forkable(task, uid)
+        if not before:  # over a per-user limit: refused at the first write, not at close
+            self.check_quota(uid, task, task.config if task else None, len(data))
+        try:
+            self.prompts.check_bytes(data, before, uid, utf8)
         except AxfsError as e:
             raise self.reject(uid, task, e) from e
 
