@@ -25,7 +25,7 @@ from axfs.modelctl import ModelControl
 from axfs.models import ModelEntry, Registry
 from axfs.persist import Keeper
 from axfs.quota import Limits, Quota
-from axfs.remote import RemoteRuntime
+from axfs.remote import open_remote
 from axfs.replay import Replays
 from axfs.runtime import LocalOptions, LocalRuntime, Runtime
 from axfs.scheduler import Scheduler
@@ -212,7 +212,7 @@ class Kernel(ModelControl):
         runtime: Runtime
         try:
             if entry.remote:
-                runtime = RemoteRuntime(entry.name, entry.endpoints, self.trace)
+                runtime = await open_remote(entry, self.trace)
             else:
                 if self.loader is None:
                     raise Unavailable("this kernel cannot load models")

@@ -20,15 +20,27 @@ import trio
 from axfs import userfiles
 from axfs.config import TaskConfig
 from axfs.errors import AxfsError, BadInput, Busy, NotFound, Unavailable
-from axfs.models import ModelCopy, ModelEntry, Registry, check_url, gguf_info, name_for_file
+from axfs.models import ModelCopy, ModelEntry, Registry, RemoteSpec, gguf_info, name_for_file, parse_remote
 from axfs.trace import Trace
 from drivers import chat
+from drivers.credentials import read_key, tls_context
 from drivers.gguf import GgufInfo
 
 if TYPE_CHECKING:
     from axfs.runtime import Runtime
 
 COPY_TRACE_BYTES = 64 << 20  # a model copy's progress is traced this often
+
+
+async def check_access(spec: RemoteSpec) -> None:
+    """BadInput saying why ``spec``'s key file or CA file cannot be used."""
+    try:
+        if spec.key_file:
+            await userfiles.call(read_key, spec.key_file)
+        if spec.ca_file:
+            await userfiles.call(tls_context, spec.ca_file)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"endpoints: {e}") from e
 
 
 class ModelControl:
@@ -124,8 +136,9 @@ class ModelControl:
             self.defaults.model = self.registry.default
             self.trace.emit("model_remove", model=name)
 
-    def model_control(self, name: str, text: str, uid: int | str = "-") -> None:
-        """One command written to models/NAME/ctl."""
+    async def model_control(self, name: str, text: str, uid: int | str = "-") -> None:
+        """One command written to models/NAME/ctl. ``endpoints``' key and CA files are
+        read here (off the trio thread), so that a bad one is refused with the reason."""
         with self._refused(name, uid):
             entry = self.registry.entries.get(name)
             if entry is None:
@@ -148,14 +161,15 @@ class ModelControl:
             elif verb == "endpoints" and args:
                 if entry.path:
                     raise BadInput(f"model {name} is a local file; endpoints are for remote models")
-                for url in args:
-                    check_url(url)
+                spec = parse_remote(args)
+                await check_access(spec)
                 if self.in_use(name):
                     raise Busy(f"model {name} has unfinished tasks")
                 self.unload(name, reason="endpoints")
-                entry.endpoints = list(args)
+                entry.endpoints, entry.key_file, entry.ca_file = spec.endpoints, spec.key_file, spec.ca_file
                 self.registry.save()
-                self.trace.emit("model_endpoints", model=name, endpoints=",".join(args))
+                self.trace.emit("model_endpoints", model=name, endpoints=",".join(spec.endpoints),
+                                key_file=spec.key_file or "-", ca_file=spec.ca_file or "-")
             elif verb == "gpu_layers" and len(args) == 1 and (
                     args[0] == "auto" or (args[0].isascii() and args[0].isdigit())):
                 entry.gpu_layers = None if args[0] == "auto" else int(args[0])
@@ -168,7 +182,8 @@ class ModelControl:
                 self.registry.save()
             else:
                 raise BadInput(f"models/{name}/ctl: cannot parse {text.strip()[:60]!r} (commands: load, "
-                               "unload, default, endpoints URL..., gpu_layers N|auto, template [NAME])")
+                               "unload, default, endpoints URL... [key=PATH] [ca=PATH], gpu_layers N|auto, "
+                               "template [NAME])")
 
     async def _load_quietly(self, name: str) -> None:
         with contextlib.suppress(AxfsError):  # the reason is in the trace and in info

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import trio
 
-from drivers.openai import Outcome, Pool, RemoteError, Request, parse_url
+from drivers.openai import RemoteError, Request, parse_url
+from drivers.pool import Outcome, Pool
 from tests.servers import Server, binary_or_skip, free_port, llama_server
 
 PROMPT = "Hello world"
@@ -61,7 +62,9 @@ def test_urls_are_validated() -> None:
     assert parse_url("http://127.0.0.1:8080/v1/").url == "http://127.0.0.1:8080"
     assert parse_url("http://localhost/").url == "http://localhost:80"
     assert parse_url("http://[::1]:9000").url == "http://[::1]:9000"
-    for bad, words in [("https://h:1", "only plain http"), ("127.0.0.1:8080", "only plain http"),
+    assert parse_url("https://api.example.com/v1").url == "https://api.example.com:443"
+    for bad, words in [("ftp://h:1", "only http and https"), ("127.0.0.1:8080", "only http and https"),
+                       ("https://user:secret@h", "a key goes in a key file"),
                        ("http://:8080", "no host"), ("http://h:1/api", "no path other than /v1"),
                        ("http://h:1/v1?x=1", "no user, query"), ("http://h:99999", "out of range")]:
         with pytest.raises(ValueError, match=words):

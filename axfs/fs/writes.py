@@ -62,7 +62,7 @@ class Writes:
             self.kernel.copy_wrote(h.copy, before)
             return len(buf)
         if node.kind == "model_file" and node.file == "ctl":
-            self.kernel.model_control(node.name, self._text(h, buf), h.uid)
+            await self.kernel.model_control(node.name, self._text(h, buf), h.uid)
             return len(buf)
         if node.kind == "new" or node.file in ("prompt", "fork"):
             if h.submitted is not None or (node.file == "prompt" and h.task
