@@ -28,7 +28,8 @@ README               this text
 models/              ln -s FILE models/NAME or cp FILE models/: register a model;
                      mkdir models/NAME: a remote one; rm -r models/NAME: remove it
 models/NAME/info     the model: architecture, parameters, quantisation, context, size,
-                     device, loaded or not
+                     device, loaded or not; a remote one's endpoints, each up, down,
+                     denied (it answered 401/403 to the key) or untrusted (bad certificate)
 models/NAME/ctl      write "load", "unload", "default", "endpoints URL... [key=PATH] [ca=PATH]",
                      "gpu_layers N|auto" or "template [NAME]"
 models/NAME/file     symlink to the model's GGUF file
