@@ -22,6 +22,7 @@ from drivers.openai import RemoteError, Request
 from drivers.pool import Pool
 from tests.conftest import mount, mounted
 from tests.servers import Certs, Server, binary_or_skip, llama_server, make_certs
+from tests.test_remote_driver import read_request
 
 KEY = "sk-axfs-test-4f1c9e0b7d2a"
 PROMPT = "Hello world"
@@ -105,7 +106,7 @@ async def test_a_key_the_server_echoes_is_not_shown() -> None:
     answer = b"HTTP/1.1 401 Unauthorized\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await stream.receive_some(65536)
+        await read_request(stream)
         await stream.send_all(answer)
         await stream.aclose()
 

@@ -231,11 +231,24 @@ SSE = b"".join(b'data: {"choices":[{"text":"%s","finish_reason":%s}]}\n\n' % (t,
                for t, f in [(b"one", b"null"), (b" two", b"null"), (b" three", b'"stop"')])
 
 
+async def read_request(stream: trio.SocketStream) -> None:
+    """The whole request: a close with part of it unread would be a reset, not a close
+    (httpx writes the head and the body apart)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.receive_some(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += await stream.receive_some(65536)
+
+
 async def scripted(nursery: trio.Nursery, answer: bytes | None) -> str:
     """A loopback url whose every connection reads the request and gets ``answer`` and a
     close, or (None) nothing at all."""
     async def handler(stream: trio.SocketStream) -> None:
-        await stream.receive_some(65536)
+        await read_request(stream)
         if answer is None:
             await trio.sleep_forever()
         await stream.send_all(answer)
