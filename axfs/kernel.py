@@ -159,8 +159,8 @@ class Kernel:
     def unregister(self, name: str, uid: int | str = "-") -> None:
         self.registry_ops.unregister(name, uid)
 
-    def model_control(self, name: str, text: str, uid: int | str = "-") -> None:
-        self.registry_ops.control(name, text, uid)
+    async def model_control(self, name: str, text: str, uid: int | str = "-") -> None:
+        await self.registry_ops.control(name, text, uid)
 
     def file_info(self, name: str) -> GgufInfo | str:
         return self.registry_ops.file_info(name)

@@ -17,7 +17,7 @@ import trio
 
 from axfs.errors import AxfsError, BadInput, Busy, NotFound, Unavailable
 from axfs.models import ModelEntry, Registry
-from axfs.remote import RemoteRuntime
+from axfs.remote import open_remote
 from axfs.runtime import LocalOptions, LocalRuntime, Runtime
 from axfs.swap import SwapSpace
 from axfs.task import State, Task
@@ -178,7 +178,7 @@ class Loading:
         runtime: Runtime
         try:
             if entry.remote:
-                runtime = RemoteRuntime(entry.name, entry.endpoints, self.trace)
+                runtime = await open_remote(entry, self.trace)
             else:
                 if self.loader is None:
                     raise Unavailable("this kernel cannot load models")

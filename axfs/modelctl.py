@@ -18,9 +18,10 @@ from axfs import ctl, userfiles
 from axfs.config import TaskConfig
 from axfs.errors import AxfsError, BadInput, Busy, NotFound
 from axfs.loading import Loading
-from axfs.models import ModelCopy, ModelEntry, Registry, check_url, gguf_info, name_for_file
+from axfs.models import ModelCopy, ModelEntry, Registry, RemoteSpec, gguf_info, name_for_file, parse_remote
 from axfs.trace import Event
 from drivers import chat
+from drivers.credentials import read_key, tls_context
 from drivers.gguf import GgufInfo
 
 COPY_TRACE_BYTES = 64 << 20  # a model copy's progress is traced this often
@@ -29,10 +30,21 @@ COMMANDS = (  # models/NAME/ctl
     ctl.Verb("load"),
     ctl.Verb("unload"),
     ctl.Verb("default"),
-    ctl.Verb("endpoints", "URL...", least=1, most=None),
+    ctl.Verb("endpoints", "URL... [key=PATH] [ca=PATH]", least=1, most=None),
     ctl.Verb("gpu_layers", "N|auto", least=1, most=1, pattern=re.compile(r"auto|[0-9]+")),
     ctl.Verb("template", "[NAME]", most=1),
 )
+
+
+async def check_access(spec: RemoteSpec) -> None:
+    """BadInput saying why ``spec``'s key file or CA file cannot be used."""
+    try:
+        if spec.key_file:
+            await userfiles.call(read_key, spec.key_file)
+        if spec.ca_file:
+            await userfiles.call(tls_context, spec.ca_file)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"endpoints: {e}") from e
 
 
 class ModelControl:
@@ -127,8 +139,10 @@ class ModelControl:
             self.defaults.model = self.registry.default
             self.trace.emit(Event.MODEL_REMOVE, model=name)
 
-    def control(self, name: str, text: str, uid: int | str = "-") -> None:
-        """One command written to models/NAME/ctl (``COMMANDS``)."""
+    async def control(self, name: str, text: str, uid: int | str = "-") -> None:
+        """One command written to models/NAME/ctl (``COMMANDS``). ``endpoints``' key and
+        CA files are read here (off the trio thread), so that a bad one is refused with
+        the reason."""
         with self._refused(name, uid):
             entry = self.registry.entries.get(name)
             if entry is None:
@@ -145,7 +159,7 @@ class ModelControl:
                 self.defaults.model = name
                 self.trace.emit(Event.MODEL_DEFAULT, model=name)
             elif command.verb == "endpoints":
-                self._set_endpoints(entry, args)
+                await self._set_endpoints(entry, args)
             elif command.verb == "gpu_layers":
                 entry.gpu_layers = None if args[0] == "auto" else int(args[0])
                 self.registry.save()
@@ -156,18 +170,19 @@ class ModelControl:
                 entry.template = args[0] if args else ""
                 self.registry.save()
 
-    def _set_endpoints(self, entry: ModelEntry, urls: list[str]) -> None:
+    async def _set_endpoints(self, entry: ModelEntry, args: list[str]) -> None:
         name = entry.name
         if entry.path:
             raise BadInput(f"model {name} is a local file; endpoints are for remote models")
-        for url in urls:
-            check_url(url)
+        spec = parse_remote(args)
+        await check_access(spec)
         if self.loading.unfinished(name):
             raise Busy(f"model {name} has unfinished tasks")
         self.loading.unload(name, reason="endpoints")
-        entry.endpoints = list(urls)
+        entry.endpoints, entry.key_file, entry.ca_file = spec.endpoints, spec.key_file, spec.ca_file
         self.registry.save()
-        self.trace.emit(Event.MODEL_ENDPOINTS, model=name, endpoints=",".join(urls))
+        self.trace.emit(Event.MODEL_ENDPOINTS, model=name, endpoints=",".join(spec.endpoints),
+                        key_file=spec.key_file or "-", ca_file=spec.ca_file or "-")
 
     def file_info(self, name: str) -> GgufInfo | str:
         """What model ``name``'s GGUF header says, as last read (``refresh_info``), or why

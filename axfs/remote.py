@@ -1,11 +1,12 @@
 """The runtime of a model served elsewhere, by OpenAI-compatible engines (vLLM,
 llama-server, Ollama): each task is one streamed ``/v1/completions`` request, spread
-over the model's endpoints by drivers.openai's pool, which also moves a task to
-another endpoint when its own fails.
+over the model's endpoints by drivers.pool, which also moves a task to another
+endpoint when its own fails. ``open_remote`` reads the model's key and CA files (named
+in models.json, never copied there) off the trio thread.
 
 The remote engine batches and caches on its side, so this runtime only limits how
 many requests it has in flight; tokens are counted as the streamed pieces of text,
-corrected by the server's own count at the end (drivers.openai.Outcome.tokens).
+corrected by the server's own count at the end (drivers.pool.Outcome.tokens).
 """
 
 from __future__ import annotations
@@ -17,16 +18,28 @@ from collections.abc import Callable
 
 import trio
 
+from axfs import userfiles
 from axfs.engine import note_done, note_first_token
+from axfs.models import ModelEntry
 from axfs.task import State, Task
 from axfs.timeline import Finish
 from axfs.trace import Event, Trace
 from drivers.base import DriverError
-from drivers.openai import Pool, Request
+from drivers.credentials import Access, read_key, tls_context
+from drivers.openai import Request
+from drivers.pool import Pool
 
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 256  # requests in flight per model (each is one open connection)
+
+
+async def open_remote(entry: ModelEntry, trace: Trace) -> RemoteRuntime:
+    """The runtime of remote model ``entry``, with its key and TLS context read from the
+    files it names (OSError, ValueError or BadInput saying why not)."""
+    key = await userfiles.call(read_key, entry.key_file) if entry.key_file else ""
+    tls = await userfiles.call(tls_context, entry.ca_file)
+    return RemoteRuntime(entry.name, entry.endpoints, trace, access=Access(tls, key))
 
 
 class RemoteRuntime:
@@ -34,10 +47,10 @@ class RemoteRuntime:
     sha = ""
 
     def __init__(self, name: str, endpoints: list[str], trace: Trace, retry_s: float = 30.0,
-                 max_inflight: int = MAX_INFLIGHT) -> None:
+                 max_inflight: int = MAX_INFLIGHT, access: Access | None = None) -> None:
         self.name = name
         self.trace = trace
-        self.pool = Pool(endpoints, retry_s=retry_s, on_event=self._event)
+        self.pool = Pool(endpoints, retry_s=retry_s, on_event=self._event, access=access)
         self.max_inflight = max_inflight
         self.on_end: Callable[[Task], None] | None = None
         self.last_used = time.monotonic()
@@ -50,7 +63,7 @@ class RemoteRuntime:
         self.trace.emit(Event(kind), model=self.name, **fields)
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
+        async with self.pool, trio.open_nursery() as nursery:
             while True:
                 while self._waiting and len(self._running) < self.max_inflight:
                     task = self._waiting.popleft()

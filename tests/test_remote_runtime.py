@@ -14,7 +14,8 @@ from axfs.task import State, Task
 from axfs.timeline import Finish
 from axfs.trace import Trace
 from drivers.base import DriverError
-from drivers.openai import Outcome, Request
+from drivers.openai import Request
+from drivers.pool import Outcome
 
 
 class FakePool:
@@ -26,6 +27,12 @@ class FakePool:
         self.requests: list[Request] = []
         self.running = self.most_running = 0
         self.release = trio.Event()
+
+    async def __aenter__(self) -> FakePool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
 
     async def complete(self, req: Request, on_text: Callable[[str], None]) -> Outcome:
         self.requests.append(req)

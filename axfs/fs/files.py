@@ -123,11 +123,13 @@ MODEL_FILE = Link("file", 0o777, "symlink to the model's GGUF file", owner=Owner
 MODEL = Dir("NAME", 0o755, "a model: a local GGUF file, or a remote one's endpoints", owner=Owner.MODEL,
             remove=lambda m, node, uid: m.kernel.unregister(node.name, uid), files=(
     File("info", 0o444, "the model: architecture, parameters, quantisation, context, size, "
-         "device, loaded or not", owner=Owner.MODEL,
+         "device, loaded or not; a remote one's endpoints, each up, down, denied (it "
+         "answered 401/403 to the key) or untrusted (bad certificate)", owner=Owner.MODEL,
          render=lambda m, node, uid: views.model_info(m.kernel, node.name).encode(),
          refresh=lambda m, node: m.kernel.refresh_info(node.name), remove=goes_with_its_owner),
-    File("ctl", 0o644, "write \"load\", \"unload\", \"default\", \"endpoints URL...\", "
-         "\"gpu_layers N|auto\" or \"template [NAME]\"", owner=Owner.MODEL, render=nothing,
+    File("ctl", 0o644, "write \"load\", \"unload\", \"default\", \"endpoints URL... "
+         "[key=PATH] [ca=PATH]\", \"gpu_layers N|auto\" or \"template [NAME]\"",
+         owner=Owner.MODEL, render=nothing,
          write=writes.write_model_ctl, refresh=lambda m, node: m.kernel.refresh_info(node.name),
          remove=goes_with_its_owner),
     MODEL_FILE,

@@ -176,11 +176,12 @@ def model_info(kernel: Kernel, name: str) -> str:
     runtime = kernel.runtimes.get(name)
     rows: list[tuple[str, object]] = [("name", name)]
     if entry.remote or not entry.path:
-        rows += [("kind", "remote"), ("endpoints", " ".join(entry.endpoints) or "-")]
+        rows += [("kind", "remote"), ("endpoints", " ".join(entry.endpoints) or "-"),
+                 ("key_file", entry.key_file or "-"), ("ca_file", entry.ca_file or "-")]
         if isinstance(runtime, RemoteRuntime):
             for e in runtime.pool.status():
                 rows.append((f"endpoint {e.url}",
-                             f"{'up' if e.up else 'down'} inflight={e.inflight} served={e.served} "
+                             f"{e.state} inflight={e.inflight} served={e.served} "
                              f"failures={e.failures}"
                              + (f" retry_in_s={e.retry_in_s:.0f} error={e.last_error}"
                                 if not e.up else "")))

@@ -74,7 +74,7 @@ async def write_replay_ctl(m: Mounted, h: Handle, off: int, buf: bytes) -> None:
 
 
 async def write_model_ctl(m: Mounted, h: Handle, off: int, buf: bytes) -> None:
-    m.kernel.model_control(h.name, _text(m, h, buf), h.uid)
+    await m.kernel.model_control(h.name, _text(m, h, buf), h.uid)
 
 
 async def write_copy(m: Mounted, h: Handle, off: int, buf: bytes) -> None:
