@@ -281,7 +281,7 @@ class Engine:
         self.num_tokens += plan.num_tokens
         now = time.time()
         batch = len(plan.pieces)
-        grow, charge, is_eog = self.scheduler.kv.grow, self.scheduler.charge, self.driver.is_eog
+        grow, charge, is_eog = self.scheduler.kv.blocks.grow, self.scheduler.charge, self.driver.is_eog
         limit = self.scheduler.kv.seq_limit
         sampled = result.sampled
         text: list[tuple[Task, int]] = []

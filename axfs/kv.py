@@ -1,10 +1,7 @@
 """The KV-cache manager: sequence slots, cells, shared prefixes and cached sequences.
 
-Its picture of the cache is llama.cpp's unified cache: a cell belongs to every sequence
-that holds it and is free when none does, and copying a prefix from one sequence to
-another (``llama_memory_seq_cp``) adds the copy to the same cells without new ones. The
-manager keeps that picture as *blocks*, runs of cells with a count of the slots that
-reference them, so it knows at every moment how many cells are in use and which would
+Its picture of the cache is llama.cpp's unified cache, kept as blocks of shared cells
+(axfs.blocks), so it knows at every moment how many cells are in use and which would
 come free if a sequence went.
 
 A slot is free, running (an admitted task's sequence) or cached (the sequence of a task
@@ -27,22 +24,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from axfs.blocks import BlockTable
 from axfs.task import Task
 from drivers.base import SeqState
 
 MIN_PREFIX = 8  # shortest shared prefix worth copying (every prompt shares its BOS)
 WAIT_GAIN = 32  # a task waits for a prefix another task is computing if it saves this many
 RESERVE_AHEAD = 256  # cells a task reserves beyond what it has used
-
-
-class Block:
-    """A run of ``size`` cells held by ``refs`` sequences."""
-
-    __slots__ = ("refs", "size")
-
-    def __init__(self, size: int, refs: int = 1) -> None:
-        self.size = size
-        self.refs = refs
 
 
 @dataclass(slots=True)
@@ -121,9 +109,8 @@ class KVManager:
         # used cell of the unified cache, so cached cells slow every step a little.
         self.cache_limit = capacity_cells // 4 if cache_limit is None else cache_limit
         self.counters = KVCounters()
-        self.used_cells = 0
+        self.blocks = BlockTable(slots)
         self._free = list(range(slots - 1, -1, -1))
-        self._blocks: dict[int, list[Block]] = {s: [] for s in range(slots)}
         self._running: dict[int, Task] = {}
         self._cached: OrderedDict[int, Cached] = OrderedDict()  # least recently used first
 
@@ -140,7 +127,12 @@ class KVManager:
 
     def cells(self, slot: int) -> int:
         """Cells slot ``slot`` holds (shared ones included)."""
-        return sum(b.size for b in self._blocks[slot])
+        return self.blocks.cells(slot)
+
+    @property
+    def used_cells(self) -> int:
+        """Cells held by any sequence (a shared cell counts once)."""
+        return self.blocks.used
 
     @property
     def growth_cells(self) -> int:
@@ -230,17 +222,12 @@ class KVManager:
         cells are freed (a cell shared with a sequence that stays is not freed); None
         when all of them would not free enough."""
         out: list[int] = []
-        left: dict[int, int] = {}  # id(block) -> references left after the evictions
         freed = 0
-        for slot in [*first, *(c for c in candidates if c not in first)]:
+        for slot, total in self.blocks.freeing([*first, *(c for c in candidates if c not in first)]):
             if freed >= short and slot not in first:
                 break
             out.append(slot)
-            for b in self._blocks[slot]:
-                refs = left.get(id(b), b.refs) - 1
-                left[id(b)] = refs
-                if refs == 0:
-                    freed += b.size
+            freed = total
         return out if freed >= short else None
 
     def commit(self, adm: Admission) -> None:
@@ -255,9 +242,9 @@ class KVManager:
             self._free.remove(slot)
         if adm.adopt:
             del self._cached[slot]
-            self._truncate(slot, adm.prefix)
+            self.blocks.truncate(slot, adm.prefix)
         elif adm.source is not None:
-            self._share(adm.source, slot, adm.prefix)
+            self.blocks.share(adm.source, slot, adm.prefix)
             if adm.source in self._cached:
                 self._cached.move_to_end(adm.source)
         if adm.source is not None:
@@ -269,7 +256,7 @@ class KVManager:
             task.num_cached = adm.prefix
             task.prefix_reused += adm.prefix
         elif task.num_cached:  # a preempted task whose KV is restored from its saved state
-            self.grow(slot, task.num_cached)
+            self.blocks.grow(slot, task.num_cached)
 
     # -- while running -----------------------------------------------------------------
 
@@ -292,15 +279,6 @@ class KVManager:
             self.counters.evictions += 1
         task.kv_reserved += extra
         return victims
-
-    def grow(self, slot: int, n: int) -> None:
-        """``n`` new cells were computed for the sequence in ``slot``."""
-        blocks = self._blocks[slot]
-        if blocks and blocks[-1].refs == 1:
-            blocks[-1].size += n
-        else:
-            blocks.append(Block(n))
-        self.used_cells += n
 
     def release(self, task: Task, cache: bool) -> list[int]:
         """Take ``task``'s slot back. With ``cache`` its sequence stays as a cached one
@@ -338,12 +316,10 @@ class KVManager:
         and the cells no other sequence shares)."""
         if task.seq is None:
             return 0
-        own = sum(b.size for b in self._blocks[task.seq] if b.refs == 1)
-        return own + max(0, task.kv_reserved - task.num_cached)
+        return self.blocks.own(task.seq) + max(0, task.kv_reserved - task.num_cached)
 
     def stats(self) -> KVStats:
-        running_blocks = {id(b): b for s in self._running for b in self._blocks[s]}
-        running = sum(b.size for b in running_blocks.values())
+        running = self.blocks.held(self._running)
         return KVStats(
             capacity_cells=self.capacity_cells,
             used_cells=self.used_cells,
@@ -356,50 +332,9 @@ class KVManager:
             slots_cached=len(self._cached),
         )
 
-    # -- blocks ------------------------------------------------------------------------
-
-    def _split(self, slot: int, n: int) -> int:
-        """Make a block boundary at cell ``n`` of ``slot``; return the index of the first
-        block past it."""
-        pos = 0
-        for i, b in enumerate(self._blocks[slot]):
-            if pos == n:
-                return i
-            if pos + b.size > n:
-                tail = Block(pos + b.size - n, b.refs)
-                b.size = n - pos
-                for blocks in self._blocks.values():
-                    for j, other in enumerate(blocks):
-                        if other is b:
-                            blocks.insert(j + 1, tail)
-                            break
-                return i + 1
-            pos += b.size
-        return len(self._blocks[slot])
-
-    def _share(self, source: int, slot: int, n: int) -> None:
-        cut = self._split(source, n)
-        shared = self._blocks[source][:cut]
-        for b in shared:
-            b.refs += 1
-        self._blocks[slot] = list(shared)
-
-    def _truncate(self, slot: int, n: int) -> None:
-        cut = self._split(slot, n)
-        for b in self._blocks[slot][cut:]:
-            self._unref(b)
-        del self._blocks[slot][cut:]
-
-    def _unref(self, b: Block) -> None:
-        b.refs -= 1
-        if b.refs == 0:
-            self.used_cells -= b.size
-
     def _drop(self, slot: int) -> None:
         """Free ``slot``'s cells (shared ones stay with their other holders)."""
         entry = self._cached.pop(slot, None)
         if entry is not None:
             self.counters.evicted_cells += len(entry.tokens)
-        for b in self._blocks[slot]:
-            self._unref(b)
-        self._blocks[slot] = []
+        self.blocks.drop(slot)

@@ -38,14 +38,14 @@ def test_shared_cells_count_once_and_go_with_their_last_holder() -> None:
     adm = kv.plan(a)
     assert adm is not None and adm.source is None
     kv.commit(adm)
-    kv.grow(a.seq or 0, 100)
+    kv.blocks.grow(a.seq or 0, 100)
     a.num_cached = 100
     b = made([*range(1, 61), 500, 501])
     adm = kv.plan(b)
     assert adm is not None and adm.source == a.seq and adm.prefix == 60
     kv.commit(adm)
     assert b.num_cached == 60 and kv.used_cells == 100  # the copy costs no cells
-    kv.grow(b.seq or 0, 2)
+    kv.blocks.grow(b.seq or 0, 2)
     stats = kv.stats()
     assert stats.used_cells == 102 and stats.running_cells == 102 and stats.cached_cells == 0
     assert kv.release(a, cache=True) == []  # a stays cached
@@ -62,7 +62,7 @@ def test_a_full_cache_evicts_the_least_recently_used_cached_sequence() -> None:
         adm = kv.plan(t)
         assert adm is not None
         kv.commit(adm)
-        kv.grow(t.seq or 0, 100)
+        kv.blocks.grow(t.seq or 0, 100)
         t.num_cached = 100
         kv.release(t, cache=True)
     third = made([3] * 150, 0)
@@ -213,7 +213,7 @@ def test_cached_cells_past_the_limit_go_oldest_first_but_the_newest_stays() -> N
         adm = kv.plan(t)
         assert adm is not None
         kv.commit(adm)
-        kv.grow(t.seq or 0, 100)
+        kv.blocks.grow(t.seq or 0, 100)
         t.num_cached = 100
         evicted.append(kv.release(t, cache=True))
     assert [len(e) for e in evicted] == [0, 1, 1] and kv.stats().cached_cells == 100
@@ -222,6 +222,6 @@ def test_cached_cells_past_the_limit_go_oldest_first_but_the_newest_stays() -> N
     adm = kv.plan(big)
     assert adm is not None
     kv.commit(adm)
-    kv.grow(big.seq or 0, 400)
+    kv.blocks.grow(big.seq or 0, 400)
     big.num_cached = 400
     assert len(kv.release(big, cache=True)) == 1 and kv.stats().cached_cells == 400  # over, kept
