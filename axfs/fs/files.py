@@ -64,34 +64,33 @@ def timeline(m: Mounted, task: Task) -> str:
 
 # -- tasks/ ------------------------------------------------------------------------------
 
-T = Owner.TASK
-TASK = Dir("ID", 0o755, "a task; rm -r tasks/ID kills it if it runs and removes it", owner=T,
+TASK = Dir("ID", 0o755, "a task; rm -r tasks/ID kills it if it runs and removes it", owner=Owner.TASK,
            remove=lambda m, node, uid: m.kernel.remove(m.kernel.get(node.name)), files=(
     File("prompt", 0o644, "the prompt as submitted (for a mkdir'ed draft: write it to submit)",
-         owner=T, render=task_text(lambda m, t: t.prompt), write=writes.write_prompt,
+         owner=Owner.TASK, render=task_text(lambda m, t: t.prompt), write=writes.write_prompt,
          submit=writes.submit_draft, draft_only=True, remove=goes_with_its_owner),
     File("stream", 0o444, "the generated text; a read waits for more text or the end (EOF)",
-         owner=T, read=reads.stream, blocks=True, remove=goes_with_its_owner,
+         owner=Owner.TASK, read=reads.stream, blocks=True, remove=goes_with_its_owner,
          length=lambda m, node, uid: len(m.kernel.get(node.name).output)),
     File("status", 0o444, "state (draft queued running preempted done failed killed) and "
-         "counters, one \"key value\" per line", owner=T, render=task_text(status),
+         "counters, one \"key value\" per line", owner=Owner.TASK, render=task_text(status),
          remove=goes_with_its_owner),
     File("config", 0o644, "parameters, \"key value\" lines: model max_tokens temperature "
          "top_k top_p seed stop priority chat; writable until the task starts; applied at "
-         "close, all or nothing; > resets the rest, >> adds", owner=T, edit=True,
+         "close, all or nothing; > resets the rest, >> adds", owner=Owner.TASK, edit=True,
          render=task_text(lambda m, t: t.config.render()), write=writes.write_config,
          remove=goes_with_its_owner),
     File("ctl", 0o644, "write \"kill\" or \"priority N\" (a weight, 1-10000, default 100)",
-         owner=T, render=task_text(lambda m, t: views.ctl(t)), write=writes.write_ctl,
+         owner=Owner.TASK, render=task_text(lambda m, t: views.ctl(t)), write=writes.write_ctl,
          remove=goes_with_its_owner),
     File("fork", 0o644, "write a follow-up -> a child task continuing this task's text and "
-         "sharing its KV; read the same open file -> the child's id", owner=T,
+         "sharing its KV; read the same open file -> the child's id", owner=Owner.TASK,
          read=reads.reply, write=writes.write_fork, submit=writes.submit_fork,
          remove=goes_with_its_owner),
     File("error", 0o444, "why the task failed, and why the last write to it was refused "
-         "(until a later write to it succeeds)", owner=T,
+         "(until a later write to it succeeds)", owner=Owner.TASK,
          render=task_text(lambda m, t: m.kernel.error_text(t)), remove=goes_with_its_owner),
-    Link("parent", 0o777, "(a fork's) symlink to the task it continues", owner=T,
+    Link("parent", 0o777, "(a fork's) symlink to the task it continues", owner=Owner.TASK,
          shown=lambda m, node, uid: bool(m.kernel.get(node.name).parent),
          target=lambda m, node, uid: f"../{m.kernel.get(node.name).parent}",
          remove=goes_with_its_owner),
@@ -115,19 +114,18 @@ TASKS = Dir("tasks", 0o1777, "a directory each task; mkdir tasks/NAME: a draft t
 
 # -- models/ -----------------------------------------------------------------------------
 
-M = Owner.MODEL
 MODEL_FILE = Link("file", 0o777, "symlink to the model's GGUF file", owner=Owner.MODEL_PATH,
                   shown=lambda m, node, uid: bool(model_path(m, node.name)),
                   target=lambda m, node, uid: model_path(m, node.name),
                   remove=goes_with_its_owner)
-MODEL = Dir("NAME", 0o755, "a model: a local GGUF file, or a remote one's endpoints", owner=M,
+MODEL = Dir("NAME", 0o755, "a model: a local GGUF file, or a remote one's endpoints", owner=Owner.MODEL,
             remove=lambda m, node, uid: m.kernel.unregister(node.name, uid), files=(
     File("info", 0o444, "the model: architecture, parameters, quantisation, context, size, "
-         "device, loaded or not", owner=M,
+         "device, loaded or not", owner=Owner.MODEL,
          render=lambda m, node, uid: views.model_info(m.kernel, node.name).encode(),
          refresh=lambda m, node: m.kernel.refresh_info(node.name), remove=goes_with_its_owner),
     File("ctl", 0o644, "write \"load\", \"unload\", \"default\", \"endpoints URL...\", "
-         "\"gpu_layers N|auto\" or \"template [NAME]\"", owner=M, render=nothing,
+         "\"gpu_layers N|auto\" or \"template [NAME]\"", owner=Owner.MODEL, render=nothing,
          write=writes.write_model_ctl, refresh=lambda m, node: m.kernel.refresh_info(node.name),
          remove=goes_with_its_owner),
     MODEL_FILE,
@@ -139,13 +137,13 @@ COPY = File("FILENAME", 0o644, "a model file cp is copying in; at its close, mod
             remove=lambda m, node, uid: m.copies.pop(node.name).abort())
 
 
-def copy_in(m: Mounted, filename: str, uid: int) -> tuple[Node, ModelCopy]:
+def copy_in(m: Mounted, filename: str, uid: int) -> tuple[File, ModelCopy]:
     """``cp FILE models/``: a model file copied into the state directory."""
     if filename in m.copies:
         raise Exists(f"models/{filename} is being copied in")
     copy = m.kernel.begin_copy(filename, uid)  # opens one file: no need for a thread
     m.copies[filename] = copy
-    return Node(COPY, filename), copy
+    return COPY, copy
 
 
 async def link_model(m: Mounted, name: str, target: str, uid: int) -> Node:
@@ -167,13 +165,12 @@ MODELS = Dir("models", 0o755, "ln -s FILE models/NAME or cp FILE models/: regist
 
 # -- replay/ and users/ ------------------------------------------------------------------
 
-R = Owner.REPLAY
-REPLAY_TASK = Dir("ID", 0o755, "task ID run again, and compared", owner=R, files=(
+REPLAY_TASK = Dir("ID", 0o755, "task ID run again, and compared", owner=Owner.REPLAY, files=(
     File("timeline", 0o444, "what happened to task ID, with times since it was submitted",
-         owner=R, render=task_text(timeline)),
+         owner=Owner.REPLAY, render=task_text(timeline)),
     File("ctl", 0o644, "write \"run\": run task ID again (alone, same tokens, parameters, "
-         "seed)", owner=R, render=nothing, write=writes.write_replay_ctl),
-    File("result", 0o444, "\"match N tokens\", or where the first token differs", owner=R,
+         "seed)", owner=Owner.REPLAY, render=nothing, write=writes.write_replay_ctl),
+    File("result", 0o444, "\"match N tokens\", or where the first token differs", owner=Owner.REPLAY,
          render=task_text(lambda m, t: m.kernel.replays.result(t))),
 ))
 REPLAY = Dir("replay", 0o755, "a directory each task, to run it again", varying=(REPLAY_TASK,),

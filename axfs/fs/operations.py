@@ -68,7 +68,7 @@ class Operations(Writes, pyfuse3.Operations):
     def _exists(self, node: Node) -> bool:
         """Whether what the node's name names is still there."""
         owner, name = node.row.owner, node.name
-        if owner.task:
+        if owner.names_task:
             return name in self.kernel.tasks
         if owner is Owner.MODEL:
             return name in self.kernel.models
@@ -129,7 +129,7 @@ class Operations(Writes, pyfuse3.Operations):
         a.st_nlink = 2 if isinstance(row, Dir) else 1
         mode = self._mode(node)
         mtime = self.started
-        if row.owner.task:
+        if row.owner.names_task:
             task = self._task(node)
             a.st_uid, a.st_gid = task.uid, task.gid
             mtime = int(task.updated_at * 1e9)
@@ -241,12 +241,11 @@ class Operations(Writes, pyfuse3.Operations):
         create = self._dir(self._node(parent_inode)).create
         if create is None:
             raise _fail(errno.EACCES)
-        node, copy = create(self, os.fsdecode(name), ctx.uid)
-        if not isinstance(node.row, File):
-            raise _fail(errno.EISDIR)
+        filename = os.fsdecode(name)
+        file, copy = create(self, filename, ctx.uid)
+        node = Node(file, filename)
         fh = self._new_fh()
-        self._handles[fh] = Handle(node.row, node.name, None, ctx.pid, ctx.uid, ctx.gid,
-                                   copy=copy)
+        self._handles[fh] = Handle(file, filename, None, ctx.pid, ctx.uid, ctx.gid, copy=copy)
         info = pyfuse3.FileInfo(fh=fh)
         info.direct_io = True
         return info, self._attrs(node, ctx.uid)
@@ -300,7 +299,7 @@ class Operations(Writes, pyfuse3.Operations):
         row = node.row
         if not isinstance(row, File) or (row.render is None and row.read is None):
             raise _fail(errno.EISDIR)
-        task = self._task(node) if row.owner.task else None
+        task = self._task(node) if row.owner.names_task else None
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if writing and not self._mode(node) & 0o200:
             if task is not None:  # a replay file's refusal is not the task's error

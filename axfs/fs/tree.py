@@ -46,7 +46,7 @@ class Owner(enum.Enum):
     USER = enum.auto()  # users/UID
 
     @property
-    def task(self) -> bool:
+    def names_task(self) -> bool:
         """The name is a task's id: the task owns it."""
         return self in (Owner.TASK, Owner.REPLAY)
 
@@ -133,7 +133,7 @@ class Dir(Entry):
     each: Callable[[Mounted, int], list[tuple[str, Node]]] | None = None
     mkdir: Callable[[Mounted, str, int, int], Node] | None = None  # (name, uid, gid)
     symlink: Callable[[Mounted, str, str, int], Awaitable[Node]] | None = None
-    create: Callable[[Mounted, str, int], tuple[Node, ModelCopy]] | None = None
+    create: Callable[[Mounted, str, int], tuple[File, ModelCopy]] | None = None  # (name, uid)
     named: dict[str, Entry] = field(init=False, repr=False)
     type: ClassVar[int] = stat.S_IFDIR
 
