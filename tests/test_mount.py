@@ -219,6 +219,21 @@ def test_memory_devices_and_model_info(ax: Mount) -> None:
     assert int(info["context_length"]) == 65536
 
 
+def test_timeline_says_what_happened_to_the_task(ax: Mount) -> None:
+    task = new_task(ax, max_tokens=3, temperature=0)
+    ax.sh(f"cat tasks/{task}/stream > /dev/null")
+    ax.wait_state(task, "done")
+    assert "timeline" in ax.sh(f"ls tasks/{task}").stdout.split()
+    timeline = ax.read(f"tasks/{task}/timeline")
+    assert timeline.startswith(f"task {task}\n") and "done reason=length" in timeline
+    assert " submit" in timeline and " first_token" in timeline
+    assert timeline == ax.read(f"replay/{task}/timeline")
+    assert os.stat(ax.path / f"tasks/{task}/timeline").st_size == len(timeline.encode())
+    done = ax.sh(f"echo x > tasks/{task}/timeline", check=False)
+    assert done.returncode != 0 and "Permission denied" in done.stderr
+    assert "tasks/ID/timeline" in ax.read("README")
+
+
 def test_status_shows_kv_use_while_running(ax: Mount) -> None:
     task = new_task(ax, max_tokens=30000)
     ax.wait_state(task, "running")

@@ -90,6 +90,8 @@ TASK = Dir("ID", 0o755, "a task; rm -r tasks/ID kills it if it runs and removes 
     File("error", 0o444, "why the task failed, and why the last write to it was refused "
          "(until a later write to it succeeds)", owner=Owner.TASK,
          render=task_text(lambda m, t: m.kernel.error_text(t)), remove=goes_with_its_owner),
+    File("timeline", 0o444, "what happened to the task, with times since it was submitted",
+         owner=Owner.TASK, render=task_text(timeline), remove=goes_with_its_owner),
     Link("parent", 0o777, "(a fork's) symlink to the task it continues", owner=Owner.TASK,
          shown=lambda m, node, uid: bool(m.kernel.get(node.name).parent),
          target=lambda m, node, uid: f"../{m.kernel.get(node.name).parent}",
