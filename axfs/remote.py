@@ -83,7 +83,8 @@ class RemoteRuntime:
         config = task.config
         request = Request(prompt=task.text_for_model, max_tokens=config.max_tokens,
                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                          seed=config.seed, stop=tuple(config.stop))
+                          seed=config.seed, stop=tuple(config.stop),
+                          grammar=config.output_grammar)
         task.start(-1, 0)
         task.mark(Event.ADMIT, remote="yes")
         self.trace.emit(Event.ADMIT, task.id, task.uid, model=self.name, remote="yes")
