@@ -90,6 +90,7 @@ class LocalRuntime:
         self.last_used = time.monotonic()
         self._timers: trio.Nursery | None = None  # deadlines' (axfs.deadlines), while it runs
         self._watching: dict[str, trio.CancelScope] = {}  # task id -> its deadline's timer
+        self._unwatched: list[Task] = []  # tasks with deadlines added before ``run``
 
     @staticmethod
     def _overlap(driver: Driver, asked: bool | None) -> bool:
@@ -100,6 +101,9 @@ class LocalRuntime:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._timers = nursery
+            for task in self._unwatched:  # added before it ran
+                nursery.start_soon(self._watch, task)
+            self._unwatched.clear()
             await self.engine.run()
 
     def add(self, task: Task) -> None:
@@ -109,7 +113,9 @@ class LocalRuntime:
             if why:
                 deadlines.fail(task, self.end, self.engine.trace, why)
                 return
-            if self._timers is not None:
+            if self._timers is None:
+                self._unwatched.append(task)
+            else:
                 self._timers.start_soon(self._watch, task)
         self.engine.add(task)
 

@@ -1,0 +1,98 @@
+"""Deadlines (issue 15) with a fake driver: a task ends at its deadline with its text kept,
+the nearest deadline runs first within a user, and a task that cannot start in time
+fails at once."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from axfs.errors import BadInput
+from axfs.kernel import Kernel
+from axfs.task import State
+from axfs.timeline import Finish
+from tests.fakes import FakeDriver, local
+from tests.test_sched import run_until, start
+
+
+@pytest.mark.parametrize("policy", ["fair", "fifo"])
+async def test_a_running_task_ends_at_its_deadline_with_its_text_kept(policy: str) -> None:
+    driver = FakeDriver(n_seq_max=2, n_ctx=1 << 20)
+    driver.step_delay = 0.01
+    k = Kernel(driver, policy=policy)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.run)
+        task = await start(k, 1, deadline=0.3)
+        other = await start(k, 1, max_tokens=5)  # no deadline: runs to its end
+        await run_until(k, lambda: task.finished and other.finished)
+        nursery.cancel_scope.cancel()
+    assert task.state is State.DONE and task.finish_reason is Finish.DEADLINE
+    late = task.finished_at - (task.submitted_at + 0.3)
+    assert 0 <= late < 0.1  # within a step or two of 10 ms each
+    assert task.num_generated > 0 and len(task.output) > 0
+    assert other.finish_reason is Finish.LENGTH
+    assert "deadline 0.3" in task.config.render()
+
+
+async def test_the_nearest_deadline_runs_first_within_a_user() -> None:
+    k = Kernel(FakeDriver(n_seq_max=1, n_ctx=1 << 20))
+    hog = await start(k, 1, max_tokens=20)
+    late = await start(k, 1, max_tokens=20, deadline=100)
+    soon = await start(k, 1, max_tokens=20, deadline=50)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.run)
+        await run_until(k, lambda: hog.finished and late.finished and soon.finished)
+        nursery.cancel_scope.cancel()
+    assert soon.started_at < late.started_at < hog.started_at
+    assert soon.finish_reason is late.finish_reason is Finish.LENGTH
+
+
+async def test_a_task_that_cannot_start_before_its_deadline_fails_at_once() -> None:
+    driver = FakeDriver(n_seq_max=1, n_ctx=1 << 20)
+    driver.step_delay = 0.01
+    k = Kernel(driver)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.run)
+        hog = await start(k, 1, deadline=1000)  # holds the only slot
+        await run_until(k, lambda: hog.num_generated > 0)
+        waiting = await start(k, 1, max_tokens=5, deadline=0.2)
+        await run_until(k, lambda: waiting.finished)
+        local(k).scheduler.costs.prefill_s_per_token = 1.0
+        slow = await start(k, 2, "a long prompt", deadline=5)
+        assert slow.state is State.FAILED  # at once: its prompt takes longer to read
+        k.kill(hog)
+        nursery.cancel_scope.cancel()
+    assert waiting.state is State.FAILED and waiting.finish_reason is Finish.DEADLINE
+    assert "passed before it could start" in waiting.error
+    assert waiting.finished_at - waiting.submitted_at < 0.3
+    assert "more than the" in slow.error and "deadline" in slow.error
+
+
+async def test_tasks_without_a_deadline_have_no_timer() -> None:
+    driver = FakeDriver(n_seq_max=2, n_ctx=1 << 20)
+    driver.step_delay = 0.01
+    k = Kernel(driver)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(k.run)
+        task = await start(k, 1, max_tokens=20)
+        timed = await start(k, 1, max_tokens=20, deadline=60)
+        await trio.sleep(0.01)  # the timer's task starts
+        assert list(local(k)._watching) == [timed.id]
+        await run_until(k, lambda: task.finished and timed.finished)
+        await trio.sleep(0.01)
+        assert not local(k)._watching  # the timer goes with its task
+        nursery.cancel_scope.cancel()
+    assert timed.finish_reason is Finish.LENGTH
+
+
+def test_deadline_is_checked_when_written() -> None:
+    k = Kernel(FakeDriver())
+    task = k.create(1, 1)
+    with pytest.raises(BadInput, match="not a number"):
+        k.configure(task, "deadline soon\n")
+    with pytest.raises(BadInput, match="outside"):
+        k.configure(task, "deadline -1\n")
+    k.configure(task, "deadline 2.5\n")
+    assert task.config.deadline == 2.5 and time.time() > 0
