@@ -13,7 +13,9 @@ from axfs.errors import BadInput
 from axfs.kernel import Kernel
 from axfs.task import State
 from axfs.timeline import Finish
+from tests.conftest import Mount
 from tests.fakes import FakeDriver, local
+from tests.test_axctl import axctl
 from tests.test_sched import run_until, start
 
 
@@ -96,3 +98,17 @@ def test_deadline_is_checked_when_written() -> None:
         k.configure(task, "deadline -1\n")
     k.configure(task, "deadline 2.5\n")
     assert task.config.deadline == 2.5 and time.time() > 0
+
+
+@pytest.mark.mount
+def test_through_the_mount_a_deadline_keeps_the_text_and_axctl_wait_says_so(ax: Mount) -> None:
+    name = f"d{time.monotonic_ns()}"
+    ax.sh(f"mkdir tasks/{name} && printf 'max_tokens 1000000\\ndeadline 1.5\\n' > tasks/{name}/config"
+          f" && echo 'Once upon a time' > tasks/{name}/prompt")
+    done = axctl(ax, "wait", name, timeout=60)
+    assert done.returncode == 5, done.stderr
+    assert "reached its deadline" in done.stderr
+    status = ax.status(name)
+    assert status["state"] == "done" and status["finish_reason"] == "deadline"
+    assert int(status["generated_tokens"]) > 0 and ax.read(f"tasks/{name}/stream")
+    assert "deadline 1.5" in ax.read(f"tasks/{name}/config")
