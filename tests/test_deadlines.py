@@ -13,9 +13,11 @@ from axfs.errors import BadInput
 from axfs.kernel import Kernel
 from axfs.task import State
 from axfs.timeline import Finish
+from drivers import grammar
 from tests.conftest import Mount
 from tests.fakes import FakeDriver, local
 from tests.test_axctl import axctl
+from tests.test_remote_runtime import FakePool, finished, runtime, submitted
 from tests.test_sched import run_until, start
 
 
@@ -112,3 +114,20 @@ def test_through_the_mount_a_deadline_keeps_the_text_and_axctl_wait_says_so(ax: 
     assert status["state"] == "done" and status["finish_reason"] == "deadline"
     assert int(status["generated_tokens"]) > 0 and ax.read(f"tasks/{name}/stream")
     assert "deadline 1.5" in ax.read(f"tasks/{name}/config")
+
+
+async def test_a_remote_task_ends_at_its_deadline_and_its_grammar_is_sent() -> None:
+    pool = FakePool(["never"])  # answers only when released: never, here
+    rt, ended = runtime(pool, max_inflight=1)
+    running = submitted("a", deadline=0.2, format="json")
+    waiting = submitted("b", deadline=0.2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rt.run)
+        rt.add(running)
+        rt.add(waiting)
+        await finished(running)
+        await finished(waiting)
+        nursery.cancel_scope.cancel()
+    assert running.state is State.DONE and running.finish_reason is Finish.DEADLINE
+    assert waiting.state is State.FAILED and "passed before it could start" in waiting.error
+    assert pool.requests[0].grammar == grammar.JSON and set(ended) == {running, waiting}
