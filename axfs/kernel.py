@@ -217,6 +217,9 @@ class Kernel:
     def constrain(self, task: Task, kind: str, text: str, reset: bool) -> None:
         self.task_control.constrain(task, kind, text, reset)
 
+    def check_constraint(self, task: Task, kind: str, text: str) -> str:
+        return self.task_control.check_constraint(task, kind, text)
+
     def control(self, task: Task, text: str) -> None:
         self.task_control.control(task, text)
 

@@ -67,27 +67,32 @@ class TaskControl:
         """Apply what was written to a draft's ``schema`` or ``grammar`` (``kind``) through
         one open file: compiled, or refused with the compiler's reason, and then the
         prompt is refused too until a later write compiles (empty: no constraint)."""
-        if task.state is not State.DRAFT:
-            raise self.reject(task.uid, task, Busy(
-                f"task {task.id} is {task.state}: {kind} is writable while a draft"))
         config = task.config
         if not reset:  # >>: added to what is there
             text = (config.schema if kind == "schema" else config.grammar) + text
+        grammar = self.check_constraint(task, kind, text)
+        config.grammar, config.schema = grammar, text if kind == "schema" and grammar else ""
+        self.refusals.accepted(task)
+        self.trace.emit(Event.CONFIG, task.id, task.uid, text=f"{kind}: {len(text)} bytes")
+
+    def check_constraint(self, task: Task, kind: str, text: str) -> str:
+        """The grammar ``text`` written to ``kind`` makes ("" for none); refused why not."""
+        if task.state is not State.DRAFT:
+            raise self.reject(task.uid, task, Busy(
+                f"task {task.id} is {task.state}: {kind} is writable while a draft"))
         try:
             if not text.strip():
-                grammar, schema = "", ""
+                grammar = ""
             elif kind == "schema":
-                grammar, schema = grammars.from_schema(text), text
+                grammar = grammars.from_schema(text)
             else:
                 grammars.check(text)
-                grammar, schema = text, ""
+                grammar = text
         except grammars.GrammarError as e:
             task.bad_constraint = f"{kind}: {e}"
             raise self.reject(task.uid, task, BadInput(task.bad_constraint)) from e
         task.bad_constraint = ""
-        config.grammar, config.schema = grammar, schema
-        self.refusals.accepted(task)
-        self.trace.emit(Event.CONFIG, task.id, task.uid, text=f"{kind}: {len(text)} bytes")
+        return grammar
 
     def control(self, task: Task, text: str) -> None:
         """Apply one command written to tasks/ID/ctl (``COMMANDS``)."""

@@ -137,3 +137,13 @@ def test_schema_and_grammar_are_read_only_once_submitted(ax: Mount) -> None:
 
 def test_the_json_grammar_compiles() -> None:
     grammar.check(grammar.JSON)
+
+
+def test_a_shell_sees_a_bad_schema_at_its_write(ax: Mount) -> None:
+    name = draft(ax, "max_tokens 5\\n")
+    done = ax.sh(f"echo '{{\"type\": \"nosuch\"}}' > tasks/{name}/schema; echo \"exit $?\"",
+                 check=False)
+    assert "exit 1" in done.stdout and "Invalid argument" in done.stderr
+    assert "schema not supported" in ax.read(f"tasks/{name}/error")
+    ax.sh(f"echo '{{\"enum\": [\"a\", \"b\"]}}' > tasks/{name}/schema")  # a good one clears it
+    assert run(ax, name) in ('"a"', '"b"')
