@@ -23,6 +23,23 @@ from axfs.trace import Event, Trace
 End = Callable[[Task, State, Finish, str], None]
 
 
+class Tally:
+    """Deadlines met (done before them) and missed (ended or failed by them), for sched."""
+
+    def __init__(self) -> None:
+        self.met = 0
+        self.missed = 0
+
+    def count(self, task: Task) -> None:
+        """``task`` ended."""
+        if task.config.deadline <= 0:
+            return
+        if task.finish_reason is Finish.DEADLINE:
+            self.missed += 1
+        elif task.state is State.DONE:
+            self.met += 1
+
+
 def deadline_at(task: Task) -> float:
     """When ``task`` must end (time.time()), or infinity."""
     return task.submitted_at + task.config.deadline if task.config.deadline > 0 else math.inf

@@ -59,6 +59,7 @@ class RemoteRuntime:
         self._wake = trio.Event()
         self.num_tokens = 0
         self._timers: trio.Nursery | None = None  # deadlines' timers, while it runs
+        self.deadlines = deadlines.Tally()
 
     def _event(self, kind: str, fields: dict[str, str]) -> None:
         self.trace.emit(Event(kind), model=self.name, **fields)
@@ -132,6 +133,7 @@ class RemoteRuntime:
         if task in self._waiting:
             self._waiting.remove(task)
         task.finish(state, reason, error)
+        self.deadlines.count(task)
         self.last_used = time.monotonic()
         self._wake.set()
         if self.on_end is not None:

@@ -91,6 +91,7 @@ class LocalRuntime:
         self._timers: trio.Nursery | None = None  # deadlines' (axfs.deadlines), while it runs
         self._watching: dict[str, trio.CancelScope] = {}  # task id -> its deadline's timer
         self._unwatched: list[Task] = []  # tasks with deadlines added before ``run``
+        self.deadlines = deadlines.Tally()
 
     @staticmethod
     def _overlap(driver: Driver, asked: bool | None) -> bool:
@@ -135,6 +136,7 @@ class LocalRuntime:
         watching = self._watching.pop(task.id, None)
         if watching is not None:
             watching.cancel()
+        self.deadlines.count(task)
         if self.on_end is not None:
             self.on_end(task)
 

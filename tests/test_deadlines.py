@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from axfs.errors import BadInput
+from axfs.fs import views
 from axfs.kernel import Kernel
 from axfs.task import State
 from axfs.timeline import Finish
@@ -33,6 +34,7 @@ async def test_a_running_task_ends_at_its_deadline_with_its_text_kept(policy: st
         await run_until(k, lambda: task.finished and other.finished)
         nursery.cancel_scope.cancel()
     assert task.state is State.DONE and task.finish_reason is Finish.DEADLINE
+    assert "deadlines_met 0\ndeadlines_missed 1\n" in views.sched(k)
     late = task.finished_at - (task.submitted_at + 0.3)
     assert 0 <= late < 0.1  # within a step or two of 10 ms each
     assert task.num_generated > 0 and len(task.output) > 0
@@ -51,6 +53,7 @@ async def test_the_nearest_deadline_runs_first_within_a_user() -> None:
         nursery.cancel_scope.cancel()
     assert soon.started_at < late.started_at < hog.started_at
     assert soon.finish_reason is late.finish_reason is Finish.LENGTH
+    assert "deadlines_met 2\ndeadlines_missed 0\n" in views.sched(k)
 
 
 async def test_a_task_that_cannot_start_before_its_deadline_fails_at_once() -> None:
@@ -72,6 +75,7 @@ async def test_a_task_that_cannot_start_before_its_deadline_fails_at_once() -> N
     assert "passed before it could start" in waiting.error
     assert waiting.finished_at - waiting.submitted_at < 0.3
     assert "more than the" in slow.error and "deadline" in slow.error
+    assert "deadlines_met 0\ndeadlines_missed 2\n" in views.sched(k)  # hog was killed: neither
 
 
 async def test_tasks_without_a_deadline_have_no_timer() -> None:

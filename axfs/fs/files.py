@@ -209,8 +209,8 @@ ROOT = Dir("", 0o755, "", files=(
     File("memory", 0o444, "the KV cache, like /proc/meminfo: used = running + cached, prefix "
          "cache hits, evictions, swap; a section a loaded model", volatile=True,
          render=lambda m, node, uid: views.memory(m.kernel).encode()),
-    File("sched", 0o444, "the scheduler: policy, queue, batch, each user's share and use; a "
-         "section a loaded model", volatile=True,
+    File("sched", 0o444, "the scheduler: policy, queue, batch, deadlines met and missed, each "
+         "user's share and use; a section a loaded model", volatile=True,
          render=lambda m, node, uid: views.sched(m.kernel).encode()),
     File("trace", 0o444, "one line per scheduler event; tail -f follows it", volatile=True,
          read=reads.trace,
