@@ -121,6 +121,8 @@ class LocalRuntime:
         self.engine.add(task)
 
     async def _watch(self, task: Task) -> None:
+        if task.finished:  # ended before this timer's task began
+            return
         with trio.CancelScope() as scope:
             self._watching[task.id] = scope
             try:

@@ -36,7 +36,7 @@ async def test_a_running_task_ends_at_its_deadline_with_its_text_kept(policy: st
     assert task.state is State.DONE and task.finish_reason is Finish.DEADLINE
     assert "deadlines_met 0\ndeadlines_missed 1\n" in views.sched(k)
     late = task.finished_at - (task.submitted_at + 0.3)
-    assert 0 <= late < 0.1  # within a step or two of 10 ms each
+    assert 0 <= late < 0.25  # a step is 10 ms or two; the margin is for a loaded machine
     assert task.num_generated > 0 and len(task.output) > 0
     assert other.finish_reason is Finish.LENGTH
     assert "deadline 0.3" in task.config.render()
