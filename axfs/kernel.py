@@ -214,6 +214,12 @@ class Kernel:
     def configure(self, task: Task, text: str, reset: bool = False) -> None:
         self.task_control.configure(task, text, reset)
 
+    def constrain(self, task: Task, kind: str, text: str, reset: bool) -> None:
+        self.task_control.constrain(task, kind, text, reset)
+
+    def check_constraint(self, task: Task, kind: str, text: str) -> str:
+        return self.task_control.check_constraint(task, kind, text)
+
     def control(self, task: Task, text: str) -> None:
         self.task_control.control(task, text)
 

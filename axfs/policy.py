@@ -9,6 +9,9 @@ decides what that means for admission and preemption.
   10000, default 100). Every token a task processes (prompt or generated) adds
   ``1 / weight`` to its task's and its user's virtual runtime; the batch goes to the
   users furthest behind, and inside a user to the tasks furthest behind.
+
+Under both, a task with a deadline (``config deadline``) comes before those without, the
+nearest deadline first (earliest deadline first; under ``fair``, inside its user).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Protocol
 
+from axfs.deadlines import deadline_at
 from axfs.task import Task
 
 USER_WEIGHT = 100.0
@@ -64,7 +68,7 @@ class FifoPolicy:
         self._tokens: dict[int, int] = defaultdict(int)
 
     def order(self, tasks: list[Task]) -> list[Task]:
-        return sorted(tasks, key=lambda t: (t.submitted_at, t.id))
+        return sorted(tasks, key=lambda t: (deadline_at(t), t.submitted_at, t.id))
 
     def charge(self, task: Task, tokens: int) -> None:
         self._tokens[task.uid] += tokens
@@ -108,7 +112,8 @@ class FairPolicy:
     def order(self, tasks: list[Task]) -> list[Task]:
         self._enter(tasks)
         queues: dict[int, list[Task]] = defaultdict(list)
-        for t in sorted(tasks, key=lambda t: (self._task_vr[t.id], t.submitted_at, t.id)):
+        vr = self._task_vr
+        for t in sorted(tasks, key=lambda t: (deadline_at(t), vr[t.id], t.submitted_at, t.id)):
             queues[t.uid].append(t)
         # Hand out places one at a time to the user whose virtual runtime, counting
         # the places already given (a token each per step), is lowest.

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import trio
 
-from axfs import userfiles
+from axfs import deadlines, userfiles
 from axfs.engine import note_done, note_first_token
 from axfs.models import ModelEntry
 from axfs.task import State, Task
@@ -58,12 +58,17 @@ class RemoteRuntime:
         self._running: dict[str, trio.CancelScope] = {}
         self._wake = trio.Event()
         self.num_tokens = 0
+        self._timers: trio.Nursery | None = None  # deadlines' timers, while it runs
+        self.deadlines = deadlines.Tally()
 
     def _event(self, kind: str, fields: dict[str, str]) -> None:
         self.trace.emit(Event(kind), model=self.name, **fields)
 
     async def run(self) -> None:
         async with self.pool, trio.open_nursery() as nursery:
+            self._timers = nursery
+            for task in self._waiting:  # added before it ran
+                self._watch(task)
             while True:
                 while self._waiting and len(self._running) < self.max_inflight:
                     task = self._waiting.popleft()
@@ -77,13 +82,20 @@ class RemoteRuntime:
     def add(self, task: Task) -> None:
         self.last_used = time.monotonic()
         self._waiting.append(task)
+        self._watch(task)
         self._wake.set()
+
+    def _watch(self, task: Task) -> None:
+        """End ``task`` at its deadline, if it has one (axfs.deadlines)."""
+        if task.config.deadline > 0 and self._timers is not None:
+            self._timers.start_soon(deadlines.watch, task, self.end, self.trace)
 
     async def _serve(self, task: Task, scope: trio.CancelScope) -> None:
         config = task.config
         request = Request(prompt=task.text_for_model, max_tokens=config.max_tokens,
                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                          seed=config.seed, stop=tuple(config.stop))
+                          seed=config.seed, stop=tuple(config.stop),
+                          grammar=config.output_grammar)
         task.start(-1, 0)
         task.mark(Event.ADMIT, remote="yes")
         self.trace.emit(Event.ADMIT, task.id, task.uid, model=self.name, remote="yes")
@@ -121,6 +133,7 @@ class RemoteRuntime:
         if task in self._waiting:
             self._waiting.remove(task)
         task.finish(state, reason, error)
+        self.deadlines.count(task)
         self.last_used = time.monotonic()
         self._wake.set()
         if self.on_end is not None:

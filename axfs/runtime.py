@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import trio
+
+from axfs import deadlines
 from axfs.engine import Engine
 from axfs.kv import KVManager
 from axfs.policy import make_policy
@@ -85,6 +88,10 @@ class LocalRuntime:
         self.engine.on_end = self._ended
         self.on_end: Callable[[Task], None] | None = None
         self.last_used = time.monotonic()
+        self._timers: trio.Nursery | None = None  # deadlines' (axfs.deadlines), while it runs
+        self._watching: dict[str, trio.CancelScope] = {}  # task id -> its deadline's timer
+        self._unwatched: list[Task] = []  # tasks with deadlines added before ``run``
+        self.deadlines = deadlines.Tally()
 
     @staticmethod
     def _overlap(driver: Driver, asked: bool | None) -> bool:
@@ -93,17 +100,45 @@ class LocalRuntime:
         return int(driver.info.extra.get("gpu_layers", "0") or 0) > 0
 
     async def run(self) -> None:
-        await self.engine.run()
+        async with trio.open_nursery() as nursery:
+            self._timers = nursery
+            for task in self._unwatched:  # added before it ran
+                nursery.start_soon(self._watch, task)
+            self._unwatched.clear()
+            await self.engine.run()
 
     def add(self, task: Task) -> None:
         self.last_used = time.monotonic()
+        if task.config.deadline > 0:
+            why = deadlines.too_late(task, self.scheduler.costs.prefill_s_per_token)
+            if why:
+                deadlines.fail(task, self.end, self.engine.trace, why)
+                return
+            if self._timers is None:
+                self._unwatched.append(task)
+            else:
+                self._timers.start_soon(self._watch, task)
         self.engine.add(task)
+
+    async def _watch(self, task: Task) -> None:
+        if task.finished:  # ended before this timer's task began
+            return
+        with trio.CancelScope() as scope:
+            self._watching[task.id] = scope
+            try:
+                await deadlines.watch(task, self.end, self.engine.trace)
+            finally:
+                self._watching.pop(task.id, None)
 
     def end(self, task: Task, state: State, reason: Finish, error: str = "") -> None:
         self.engine.end(task, state, reason, error)
 
     def _ended(self, task: Task) -> None:
         self.last_used = time.monotonic()
+        watching = self._watching.pop(task.id, None)
+        if watching is not None:
+            watching.cancel()
+        self.deadlines.count(task)
         if self.on_end is not None:
             self.on_end(task)
 

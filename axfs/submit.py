@@ -12,7 +12,7 @@ import codecs
 import trio
 
 from axfs.config import TaskConfig
-from axfs.errors import AxfsError, Busy, NoSpace
+from axfs.errors import AxfsError, BadInput, Busy, NoSpace
 from axfs.loading import Loading
 from axfs.persist import Keeper
 from axfs.prompts import Prompts
@@ -61,6 +61,9 @@ class Submissions:
             raise self.reject(uid, task, Busy("the prompt was already submitted"))
         if fork and task is not None:
             self.check_forkable(task, uid)
+        if task is not None and not fork and task.bad_constraint:
+            raise self.reject(uid, task, BadInput(
+                f"the task's {task.bad_constraint} (write a good one, or empty it)"))
         if not before:  # over a per-user limit: refused at the first write, not at close
             self.check_quota(uid, task, task.config if task else None, len(data))
         try:

@@ -59,6 +59,7 @@ class Task:
         self.follow_up: list[int] = []  # a fork's own tokens, appended to its parent's text
         self.model_prompt = ""  # the text the model is given, where it is not the prompt:
         # the prompt in the chat template, or a fork's whole context (see Kernel._queue)
+        self.bad_constraint = ""  # why the last schema or grammar written did not compile
         self.num_preempted = 0
         self.num_processed = 0  # tokens run through the model for it (prefill and decode)
         self.processed_at_start = 0  # num_processed when it was last admitted

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from axfs import ctl
 from axfs.config import TaskConfig, parse_setting
-from axfs.errors import AxfsError, Busy
+from axfs.errors import AxfsError, BadInput, Busy
 from axfs.loading import Loading
 from axfs.persist import Keeper
 from axfs.refusals import Refusals
@@ -13,6 +13,7 @@ from axfs.task import State, Task
 from axfs.tasktable import TaskTable
 from axfs.timeline import Finish
 from axfs.trace import Event
+from drivers import grammar as grammars
 
 COMMANDS = (ctl.Verb("kill"), ctl.Verb("priority", "N", least=1, most=1))  # tasks/ID/ctl
 
@@ -36,8 +37,9 @@ class TaskControl:
             raise self.reject(task.uid, task, Busy(
                 f"task {task.id} is {task.state}: config is writable until the task starts"))
         base = task.config
-        if reset:
+        if reset:  # the output's grammar is not config's: it is kept
             base = self.quota.fit(task.uid, self.table.defaults.copy())
+            base.grammar, base.schema = task.config.grammar, task.config.schema
         try:
             config = base.updated(text, set(self.loading.registry.entries))
             self.quota.check_config(task.uid, config)
@@ -60,6 +62,37 @@ class TaskControl:
         self.refusals.accepted(task)
         self.trace.emit(Event.CONFIG, task.id, task.uid, text=text.strip(),
                         reset="yes" if reset else "no")
+
+    def constrain(self, task: Task, kind: str, text: str, reset: bool) -> None:
+        """Apply what was written to a draft's ``schema`` or ``grammar`` (``kind``) through
+        one open file: compiled, or refused with the compiler's reason, and then the
+        prompt is refused too until a later write compiles (empty: no constraint)."""
+        config = task.config
+        if not reset:  # >>: added to what is there
+            text = (config.schema if kind == "schema" else config.grammar) + text
+        grammar = self.check_constraint(task, kind, text)
+        config.grammar, config.schema = grammar, text if kind == "schema" and grammar else ""
+        self.refusals.accepted(task)
+        self.trace.emit(Event.CONFIG, task.id, task.uid, text=f"{kind}: {len(text)} bytes")
+
+    def check_constraint(self, task: Task, kind: str, text: str) -> str:
+        """The grammar ``text`` written to ``kind`` makes ("" for none); refused why not."""
+        if task.state is not State.DRAFT:
+            raise self.reject(task.uid, task, Busy(
+                f"task {task.id} is {task.state}: {kind} is writable while a draft"))
+        try:
+            if not text.strip():
+                grammar = ""
+            elif kind == "schema":
+                grammar = grammars.from_schema(text)
+            else:
+                grammars.check(text)
+                grammar = text
+        except grammars.GrammarError as e:
+            task.bad_constraint = f"{kind}: {e}"
+            raise self.reject(task.uid, task, BadInput(task.bad_constraint)) from e
+        task.bad_constraint = ""
+        return grammar
 
     def control(self, task: Task, text: str) -> None:
         """Apply one command written to tasks/ID/ctl (``COMMANDS``)."""

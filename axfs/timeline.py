@@ -24,6 +24,7 @@ class Finish(enum.StrEnum):
     LENGTH = "length"  # max_tokens
     CONTEXT = "context"  # the task's context is full
     KILLED = "killed"
+    DEADLINE = "deadline"  # its config's deadline came (axfs.deadlines)
     ERROR = "error"
 
 

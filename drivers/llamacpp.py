@@ -318,13 +318,24 @@ class LlamaCppDriver:
         if not 0 <= seq < self.shape.n_seq_max:
             raise DriverError(f"sequence {seq} is outside 0..{self.shape.n_seq_max - 1}")
         self._drop_sampler(seq)
-        if sampling.temperature <= 0:
+        if sampling.temperature <= 0 and not sampling.grammar:
             # Argmax straight from the logits: llama.cpp's greedy sampler first copies
             # all n_vocab logits into candidate records, per token (262k for Gemma).
             self._greedy.add(seq)
             return
         sparams = lc.llama_sampler_chain_default_params()
         chain = lc.llama_sampler_chain_init(sparams)
+        if sampling.grammar:
+            # First, so that what the others keep can always match the grammar.
+            grammar = lc.llama_sampler_init_grammar(self._vocab, sampling.grammar.encode(), b"root")
+            if not grammar:
+                lc.llama_sampler_free(chain)
+                raise DriverError("llama.cpp could not compile the task's grammar")
+            lc.llama_sampler_chain_add(chain, grammar)
+            if sampling.temperature <= 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+                self._samplers[seq] = chain
+                return
         if sampling.top_k > 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(sampling.top_k))
         if sampling.top_p < 1.0:

@@ -75,6 +75,7 @@ class Request:
     top_p: float = 0.95
     seed: int = -1
     stop: tuple[str, ...] = ()
+    grammar: str = ""  # GBNF the output must match: llama-server's ``grammar``; "": none
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -146,6 +147,8 @@ class Progress:
             "prompt": req.prompt + "".join(self.text), "max_tokens": self.tokens_left,
             "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
             "seed": req.seed, "stop": list(req.stop), "stream": True}
+        if req.grammar:
+            payload["grammar"] = req.grammar
         if model:
             payload["model"] = model
         return payload

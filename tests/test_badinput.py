@@ -233,7 +233,8 @@ def test_renames_links_chmod_and_truncate_that_make_no_sense_fail(ax: Mount, scr
     done = ax.sh(script.format(t=task), check=False)
     assert done.returncode != 0 and message in done.stderr, done
     assert sorted(os.listdir(ax.path / f"tasks/{task}")) == [
-        "config", "ctl", "error", "fork", "prompt", "status", "stream", "timeline"]
+        "config", "ctl", "error", "fork", "grammar", "prompt", "schema", "status", "stream",
+        "timeline"]
     assert (ax.path / f"tasks/{task}/stream").read_bytes() == stream
     assert ax.status(task)["state"] == "done"
     assert not {"hard", "soft", "newfile"} & tasks(ax)

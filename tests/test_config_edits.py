@@ -28,11 +28,11 @@ def config(ax: Mount, name: str) -> dict[str, str]:
 def test_printf_with_a_bad_first_line_exits_non_zero_and_changes_nothing(ax: Mount) -> None:
     name = draft(ax)
     before = ax.read(f"tasks/{name}/config")
-    done = ax.sh(f"printf 'format json\\ntemperature 1\\nseed %s\\nmax_tokens 96\\n' 3 "
+    done = ax.sh(f"printf 'format yaml\\ntemperature 1\\nseed %s\\nmax_tokens 96\\n' 3 "
                  f"> tasks/{name}/config; echo \"exit $?\"", check=False)
     assert "exit 1" in done.stdout and "Invalid argument" in done.stderr
     assert ax.read(f"tasks/{name}/config") == before
-    assert "config line 1 ('format json'): unknown key 'format'" in ax.read(f"tasks/{name}/error")
+    assert "config line 1 ('format yaml'): 'yaml' is not text or json" in ax.read(f"tasks/{name}/error")
 
 
 def test_a_bad_line_after_good_ones_fails_that_write_and_every_later_one(ax: Mount) -> None:

@@ -76,9 +76,22 @@ TASK = Dir("ID", 0o755, "a task; rm -r tasks/ID kills it if it runs and removes 
          "counters, one \"key value\" per line", owner=Owner.TASK, render=task_text(status),
          remove=goes_with_its_owner),
     File("config", 0o644, "parameters, \"key value\" lines: model max_tokens temperature "
-         "top_k top_p seed stop priority chat; writable until the task starts; applied at "
-         "close, all or nothing; > resets the rest, >> adds", owner=Owner.TASK, edit=True,
+         "top_k top_p seed stop priority chat format deadline; writable until the task "
+         "starts; applied at close, all or nothing; > resets the rest, >> adds", owner=Owner.TASK, edit=True,
          render=task_text(lambda m, t: t.config.render()), write=writes.write_config,
+         apply=lambda m, t, text, reset: m.kernel.configure(t, text, reset),
+         remove=goes_with_its_owner),
+    File("schema", 0o644, "a JSON Schema the output must validate against; writable while a "
+         "draft; compiled at close (a bad one: EINVAL, and the prompt is refused)",
+         owner=Owner.TASK, edit=True, draft_only=True,
+         render=task_text(lambda m, t: t.config.schema), write=writes.write_constraint,
+         apply=lambda m, t, text, reset: m.kernel.constrain(t, "schema", text, reset),
+         remove=goes_with_its_owner),
+    File("grammar", 0o644, "a GBNF grammar (llama.cpp's) the output must match; a schema's "
+         "reads back converted; writable while a draft, like schema", owner=Owner.TASK,
+         edit=True, draft_only=True, render=task_text(lambda m, t: t.config.grammar),
+         write=writes.write_constraint,
+         apply=lambda m, t, text, reset: m.kernel.constrain(t, "grammar", text, reset),
          remove=goes_with_its_owner),
     File("ctl", 0o644, "write \"kill\" or \"priority N\" (a weight, 1-10000, default 100)",
          owner=Owner.TASK, render=task_text(lambda m, t: views.ctl(t)), write=writes.write_ctl,
@@ -196,8 +209,8 @@ ROOT = Dir("", 0o755, "", files=(
     File("memory", 0o444, "the KV cache, like /proc/meminfo: used = running + cached, prefix "
          "cache hits, evictions, swap; a section a loaded model", volatile=True,
          render=lambda m, node, uid: views.memory(m.kernel).encode()),
-    File("sched", 0o444, "the scheduler: policy, queue, batch, each user's share and use; a "
-         "section a loaded model", volatile=True,
+    File("sched", 0o444, "the scheduler: policy, queue, batch, deadlines met and missed, each "
+         "user's share and use; a section a loaded model", volatile=True,
          render=lambda m, node, uid: views.sched(m.kernel).encode()),
     File("trace", 0o444, "one line per scheduler event; tail -f follows it", volatile=True,
          read=reads.trace,

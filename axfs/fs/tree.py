@@ -101,6 +101,8 @@ class File(Entry):
     write: Writer | None = None  # one write through an open file (axfs.fs.writes)
     submit: Callable[[Mounted, Handle, bytes], Awaitable[Task]] | None = None  # at close
     edit: bool = False  # settings lines gathered and applied at close (axfs.fs.edits)
+    # What a close does with an edit's text: (task, text, reset), raising why not.
+    apply: Callable[[Mounted, Task, str, bool], None] | None = None
     draft_only: bool = False  # writable until its task is submitted
     volatile: bool = False  # changes without a task to say when: its mtime is now
     ignores_setattr: bool = False  # chmod and utimes succeed and change nothing

@@ -128,7 +128,8 @@ def sched(kernel: Kernel) -> str:
 def _remote_sched(runtime: RemoteRuntime) -> str:
     rows: list[tuple[str, object]] = [
         ("model", runtime.name), ("remote", "yes"), ("running", runtime.num_running),
-        ("waiting", runtime.num_waiting), ("tokens", runtime.num_tokens)]
+        ("waiting", runtime.num_waiting), ("tokens", runtime.num_tokens),
+        ("deadlines_met", runtime.deadlines.met), ("deadlines_missed", runtime.deadlines.missed)]
     return "".join(f"{k} {v}\n" for k, v in rows)
 
 
@@ -155,6 +156,8 @@ def _sched(kernel: Kernel, runtime: LocalRuntime) -> str:
         ("preemptions", s.num_preemptions),
         ("steps", runtime.engine.num_steps),
         ("tokens", runtime.engine.num_tokens),
+        ("deadlines_met", runtime.deadlines.met),
+        ("deadlines_missed", runtime.deadlines.missed),
     ]
     for uid, (weight, tokens) in sorted(users.items()):
         mine = [t for t in tasks if t.uid == uid]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 from typing import TYPE_CHECKING
 
 import pyfuse3
@@ -59,6 +60,28 @@ async def write_config(m: Mounted, h: Handle, off: int, buf: bytes) -> None:
     except AxfsError as e:
         raise m.kernel.reject(h.uid, h.task, e) from e
     m.kernel.check_config(h.task, text, h.edit.resets)
+
+
+async def write_constraint(m: Mounted, h: Handle, off: int, buf: bytes) -> None:
+    """tasks/ID/schema, tasks/ID/grammar: gathered, compiled at close (a part of either
+    may not compile alone); a schema that is whole JSON already is compiled now, so
+    that a shell's ``echo`` sees a refusal (it does not look at close's result)."""
+    if h.edit is None or h.task is None:
+        raise _fail(errno.EBADF)
+    try:
+        text = h.edit.add(buf, h.file.name)
+    except AxfsError as e:
+        raise m.kernel.reject(h.uid, h.task, e) from e
+    if h.file.name == "schema" and h.edit.resets and _whole_json(text):
+        m.kernel.check_constraint(h.task, "schema", text)
+
+
+def _whole_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 async def write_ctl(m: Mounted, h: Handle, off: int, buf: bytes) -> None:
@@ -158,15 +181,16 @@ class Writes:
     def _apply_edit(self, h: Handle, closing: bool = False) -> None:
         """Apply what was written to a config through this open file (at the last close,
         also the reset of a ``: > config`` that wrote nothing), unless a write was refused."""
-        edit, task = h.edit, h.task
-        if edit is None or task is None or h.refused or not (edit.written or (closing and edit.resets)):
+        edit, task, apply = h.edit, h.task, h.file.apply
+        if edit is None or task is None or apply is None or h.refused \
+                or not (edit.written or (closing and edit.resets)):
             return
         try:
             try:
                 text = edit.finish(h.file.name)
             except AxfsError as e:
                 raise self.kernel.reject(h.uid, task, e) from e
-            self.kernel.configure(task, text, edit.resets)
+            apply(self, task, text, edit.resets)
         except AxfsError as e:
             h.refused = errno_of(e)
             raise
