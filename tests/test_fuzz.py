@@ -39,7 +39,8 @@ EXPECTED = frozenset({
     errno.EDQUOT, errno.ENOSPC, errno.ENAMETOOLONG, errno.EXDEV, errno.ELOOP, errno.EINTR,
 })
 ROOT = {"README", "models", "tasks", "memory", "sched", "trace", "devices", "replay", "users"}
-TASK_FILES = {"prompt", "stream", "status", "config", "ctl", "fork", "error", "timeline"}
+TASK_FILES = {"prompt", "stream", "status", "config", "ctl", "fork", "error", "timeline",
+              "schema", "grammar"}
 STATES = {"draft", "queued", "running", "preempted", "done", "failed", "killed"}
 
 _names = st.sampled_from(["new", "latest", "f1", "f2", "1", "2", "3", "10", "bad name", "..",
