@@ -38,7 +38,7 @@ def test_greedy_continuation_is_sensible(gemma: Mount) -> None:
 
 
 def test_format_json_output_parses_with_jq(gemma: Mount) -> None:
-    gemma.sh("mkdir tasks/classify && printf 'format json\\nmax_tokens 200\\ntemperature 0.7\\n' "
+    gemma.sh("mkdir tasks/classify && printf 'format json\\nmax_tokens 300\\ntemperature 0\\n' "
              "> tasks/classify/config && echo 'Classify this log line as info, warn or error, "
              "as JSON with keys level and reason: disk /dev/sda1 is 97% full' "
              "> tasks/classify/prompt")
