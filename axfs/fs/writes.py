@@ -22,6 +22,7 @@ from axfs.errors import AxfsError, BadInput
 from axfs.fs.boundary import boundary as _boundary
 from axfs.fs.boundary import errno_of
 from axfs.fs.boundary import fail as _fail
+from axfs.fs.edits import Edit
 from axfs.fs.tree import Handle, Mounted
 from axfs.kernel import Kernel
 from axfs.models import ModelCopy
@@ -51,29 +52,30 @@ def _take_prompt(m: Mounted, h: Handle, buf: bytes, fork: bool) -> None:
     h.pending += buf
 
 
-async def write_config(m: Mounted, h: Handle, off: int, buf: bytes) -> None:
-    """tasks/ID/config: checked now with the lines before it, applied at close."""
+def _gather(m: Mounted, h: Handle, buf: bytes) -> tuple[Task, Edit, str]:
+    """Add ``buf`` to the text written through an edited file (config, schema, grammar):
+    its task, its edit, and the whole text so far; a refused part is recorded."""
     if h.edit is None or h.task is None:
         raise _fail(errno.EBADF)
     try:
-        text = h.edit.add(buf, h.file.name)
+        return h.task, h.edit, h.edit.add(buf, h.file.name)
     except AxfsError as e:
         raise m.kernel.reject(h.uid, h.task, e) from e
-    m.kernel.check_config(h.task, text, h.edit.resets)
+
+
+async def write_config(m: Mounted, h: Handle, off: int, buf: bytes) -> None:
+    """tasks/ID/config: checked now with the lines before it, applied at close."""
+    task, edit, text = _gather(m, h, buf)
+    m.kernel.check_config(task, text, edit.resets)
 
 
 async def write_constraint(m: Mounted, h: Handle, off: int, buf: bytes) -> None:
     """tasks/ID/schema, tasks/ID/grammar: gathered, compiled at close (a part of either
     may not compile alone); a schema that is whole JSON already is compiled now, so
     that a shell's ``echo`` sees a refusal (it does not look at close's result)."""
-    if h.edit is None or h.task is None:
-        raise _fail(errno.EBADF)
-    try:
-        text = h.edit.add(buf, h.file.name)
-    except AxfsError as e:
-        raise m.kernel.reject(h.uid, h.task, e) from e
-    if h.file.name == "schema" and h.edit.resets and _whole_json(text):
-        m.kernel.check_constraint(h.task, "schema", text)
+    task, edit, text = _gather(m, h, buf)
+    if h.file.name == "schema" and edit.resets and _whole_json(text):
+        m.kernel.check_constraint(task, "schema", text)
 
 
 def _whole_json(text: str) -> bool:
