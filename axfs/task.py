@@ -76,6 +76,7 @@ class Task:
         self.updated_at = self.created_at
         self._changed = trio.Event()
         self._watched = False  # someone took ``changed`` since the last notify
+        self._ended: trio.Event | None = None  # made for the first who waits for the end
 
     # -- derived -------------------------------------------------------------------
 
@@ -144,6 +145,16 @@ class Task:
         self._watched = True
         return self._changed
 
+    @property
+    def ended(self) -> trio.Event:
+        """An event set when the task finishes (a reader holding back for more text waits
+        on it, not on every token)."""
+        if self._ended is None:
+            self._ended = trio.Event()
+            if self.finished:
+                self._ended.set()
+        return self._ended
+
     def notify(self, now: float | None = None) -> None:
         self.updated_at = now or time.time()
         if self._watched:  # a new event only when someone may wait on the old one
@@ -208,6 +219,8 @@ class Task:
             self.waiting_since = 0.0
         self.saved = None
         self.notify()
+        if self._ended is not None:
+            self._ended.set()
 
     # -- generated tokens ------------------------------------------------------------
 
