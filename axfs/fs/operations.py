@@ -46,6 +46,7 @@ FIXED = ROOT.fixed()
 # A file's attributes (its size, the prompt's write bits) change, but the kernel asks for
 # them twice in a row on every open: for the permission check, then for the opener's
 # fstat. Kept this long, one answer serves both, and a size seen is at most this old.
+# Not the volatile files (trace, sched): their size is each viewer's own.
 FILE_ATTR_S = 0.01
 
 
@@ -138,7 +139,8 @@ class Operations(Writes, pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = self._ino(node)
         a.entry_timeout = CACHE_S if row in FIXED else 0
-        a.attr_timeout = CACHE_S if isinstance(row, Dir) else FILE_ATTR_S
+        a.attr_timeout = (CACHE_S if isinstance(row, Dir) else
+                          0 if isinstance(row, File) and row.volatile else FILE_ATTR_S)
         a.st_uid, a.st_gid = 0, 0
         a.st_blksize = 4096
         a.st_nlink = 2 if isinstance(row, Dir) else 1
