@@ -8,7 +8,9 @@ decides what that means for admission and preemption.
   a group of weight 100; inside a user, each task's weight is its ``priority`` (1 to
   10000, default 100). Every token a task processes (prompt or generated) adds
   ``1 / weight`` to its task's and its user's virtual runtime; the batch goes to the
-  users furthest behind, and inside a user to the tasks furthest behind.
+  users furthest behind, and inside a user to the tasks furthest behind, the higher
+  priority first among equals (tasks that have not run yet: a waiting task given a
+  higher priority goes before its user's others).
 
 Under both, a task with a deadline (``config deadline``) comes before those without, the
 nearest deadline first (earliest deadline first; under ``fair``, inside its user).
@@ -113,7 +115,8 @@ class FairPolicy:
         self._enter(tasks)
         queues: dict[int, list[Task]] = defaultdict(list)
         vr = self._task_vr
-        for t in sorted(tasks, key=lambda t: (deadline_at(t), vr[t.id], t.submitted_at, t.id)):
+        for t in sorted(tasks, key=lambda t: (deadline_at(t), vr[t.id], -t.config.priority,
+                                             t.submitted_at, t.id)):
             queues[t.uid].append(t)
         # Hand out places one at a time to the user whose virtual runtime, counting
         # the places already given (a token each per step), is lowest.

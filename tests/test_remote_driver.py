@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import trio
 
-from drivers.openai import RemoteError, Request, parse_url
+from drivers.openai import RemoteError, parse_url
 from drivers.pool import Outcome, Pool
+from drivers.request import Request
 from tests.servers import Server, binary_or_skip, free_port, llama_server
 
 PROMPT = "Hello world"

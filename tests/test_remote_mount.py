@@ -40,7 +40,7 @@ def test_remote_model_streams_spreads_and_fails_over(tiny_model: Path, tmp_path:
         while int(ax.status("long")["generated_tokens"]) < 20:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        serving = a if f"{a.url} up inflight=1" in ax.read("models/far/info") else b
+        serving = a if f"{a.url} up slots=2 inflight=1" in ax.read("models/far/info") else b
         serving.kill()
         ax.sh("cat tasks/long/stream > /dev/null", timeout=60)
         status = ax.status("long")
