@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from axfs.config import TaskConfig
+from axfs.errors import BadInput
+from axfs.models import ModelEntry, Registry, parse_remote
 from axfs.policy import make_policy
 from axfs.remote import RemoteRuntime
 from axfs.task import State, Task
@@ -95,6 +99,23 @@ async def until(condition: Callable[[], bool]) -> None:
     with trio.fail_after(5):
         while not condition():
             await trio.sleep(0.001)
+
+
+def test_endpoints_take_slots_after_their_url_and_models_json_keeps_them(tmp_path: Path) -> None:
+    spec = parse_remote(["http://a:1", "slots=8", "http://b:2", "key=/k"])
+    assert spec.slots == {"http://a:1": 8} and spec.endpoints == ["http://a:1", "http://b:2"]
+    for words, why in [(["slots=2", "http://a:1"], "follows the URL"),
+                       (["http://a:1", "slots=2", "slots=3"], "follows the URL"),
+                       (["http://a:1", "slots=0"], "from 1 to 4096"),
+                       (["http://a:1", "slots=x"], "from 1 to 4096")]:
+        with pytest.raises(BadInput, match=why):
+            parse_remote(words)
+    registry = Registry(tmp_path / "models.json")
+    registry.add(ModelEntry("far")).set_remote(spec)
+    registry.save()
+    again = Registry(tmp_path / "models.json")
+    again.load()
+    assert again.entries["far"].slots == {"http://a:1": 8}
 
 
 async def test_text_streams_in_and_the_servers_count_and_ending_are_kept() -> None:
