@@ -40,6 +40,8 @@ from drivers.request import Progress, Request
 
 log = logging.getLogger(__name__)
 
+PROBE_WAIT_S = 1.0  # the longest the first tasks wait for the servers to say their slots
+
 
 async def open_remote(entry: ModelEntry, trace: Trace, policy: str = "fair") -> RemoteRuntime:
     """The runtime of remote model ``entry``, with its key and TLS context read from the
@@ -67,12 +69,12 @@ class RemoteRuntime:
     sha = ""
 
     def __init__(self, name: str, endpoints: list[str], trace: Trace, policy: Policy | None = None,
-                 slots: Sequence[int] = (), retry_s: float = 30.0,
+                 slots: Sequence[int] = (), retry_s: float = 30.0, give_up_s: float = 120.0,
                  access: Access | None = None) -> None:
         self.name = name
         self.trace = trace
-        self.pool = Pool(endpoints, retry_s=retry_s, on_event=self._event, access=access,
-                         slots=slots)
+        self.pool = Pool(endpoints, retry_s=retry_s, give_up_s=give_up_s, on_event=self._event,
+                         access=access, slots=slots)
         self.queue = RemoteQueue(policy or make_policy("fair"))
         self.policy = self.queue.policy
         self.on_end: Callable[[Task], None] | None = None
@@ -93,12 +95,20 @@ class RemoteRuntime:
         await self.pool.probe(url)
         self._wake.set()
 
+    async def _probe_all(self, done: trio.Event) -> None:
+        await self.pool.probe()
+        done.set()
+        self._wake.set()
+
     async def run(self) -> None:
         async with self.pool, trio.open_nursery() as nursery:
             self._nursery = nursery
             for task in self.queue.waiting:  # added before it ran
                 self._watch(task)
-            await self.pool.probe()
+            probed = trio.Event()
+            nursery.start_soon(self._probe_all, probed)
+            with trio.move_on_after(PROBE_WAIT_S):  # a hung server's slots are not waited for
+                await probed.wait()
             while True:
                 self._dispatch()
                 with trio.move_on_at(self.pool.next_retry()):
@@ -121,7 +131,12 @@ class RemoteRuntime:
 
     def _dispatch(self) -> None:
         """Send the best-ranked waiting tasks while a slot is free; then, every slot held,
-        stop tasks of users over their share for those of users under it."""
+        stop tasks of users over their share for those of users under it. When no
+        endpoint has answered for the pool's give_up_s, the waiting tasks fail."""
+        why = self.pool.given_up()
+        for task in list(self.queue.waiting) if why else []:
+            self.trace.emit(Event.ERROR, task.id, task.uid, reason=why)
+            self.end(task, State.FAILED, Finish.ERROR, f"remote error: {why}")
         for task in self.queue.ranked_waiting():
             endpoint = self.pool.claim() if self.pool.room() > 0 else None
             if endpoint is None:

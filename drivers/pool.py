@@ -130,6 +130,7 @@ class Pool:
         self._turn = 0  # where the next tie-break starts
         self._freed = trio.Event()  # set when a slot may have come free
         self._picking = 0  # requests waiting in _pick for a slot
+        self._all_down_at = math.inf  # when the last endpoint up went down
 
     async def complete(self, req: Request, on_text: Callable[[str], None]) -> Outcome:
         """Run ``req``, calling ``on_text`` with each piece of text as it arrives, across
@@ -151,8 +152,7 @@ class Pool:
                 return Outcome(finish, progress.tokens, endpoint.url, progress.moves,
                                progress.prompt_tokens, progress.cached_tokens)
             if all(e.refused for e in self.endpoints):
-                raise RemoteError("; ".join(f"{e.url} {e.refused}: {e.last_error}"
-                                            for e in self.endpoints))
+                raise RemoteError(self._refused_message())
             progress.failures += 1
             previous = endpoint
             endpoint = await self._pick(progress)
@@ -174,9 +174,20 @@ class Pool:
         return sum(e.slots for e in self.endpoints if e.ready(now))
 
     def next_retry(self) -> float:
-        """When (time.monotonic()) the next down endpoint may be tried (inf: none is down)."""
+        """When (time.monotonic()) the next down endpoint may be tried, or the pool gives
+        up on them (inf: none is down)."""
         now = time.monotonic()
-        return min((e.down_until for e in self.endpoints if not e.ready(now)), default=math.inf)
+        retries = [e.down_until for e in self.endpoints if not e.ready(now)]
+        return min([*retries, self._all_down_at + self.give_up_s])
+
+    def given_up(self) -> str:
+        """Why requests that wait for a slot fail now: every endpoint refused axfs, or has
+        been down for ``give_up_s`` ("": they wait on)."""
+        if all(e.refused for e in self.endpoints):
+            return self._refused_message()
+        if time.monotonic() < self._all_down_at + self.give_up_s:
+            return ""
+        return self._no_endpoint_message()
 
     def claim(self) -> Endpoint | None:
         """Take a slot for a request on the ready endpoint with the most free slots, ties
@@ -272,6 +283,9 @@ class Pool:
         finally:
             self._picking -= 1
 
+    def _refused_message(self) -> str:
+        return "; ".join(f"{e.url} {e.refused}: {e.last_error}" for e in self.endpoints)
+
     def _no_endpoint_message(self) -> str:
         reasons = "; ".join(f"{e.url}: {e.last_error or 'not tried'}" for e in self.endpoints)
         return f"no endpoint answers: {reasons}"
@@ -305,9 +319,12 @@ class Pool:
             endpoint.up = False
             log.warning("endpoint %s is down: %s", endpoint.url, reason)
             self._emit("endpoint_down", {"url": endpoint.url, "reason": reason})
+            if not any(e.up for e in self.endpoints):
+                self._all_down_at = time.monotonic()
 
     def _mark_up(self, endpoint: Endpoint) -> None:
         endpoint.refused = ""
+        self._all_down_at = math.inf
         if not endpoint.up:
             endpoint.up = True
             log.info("endpoint %s is up again", endpoint.url)

@@ -24,6 +24,7 @@ from axfs.timeline import Finish
 from axfs.trace import Trace
 from drivers.openai import Address, RemoteError
 from drivers.request import Progress, Request
+from tests.servers import free_port
 
 
 class FakeClient:
@@ -270,3 +271,20 @@ async def test_a_task_with_text_already_is_sent_on_from_it_and_a_chat_as_turns()
     resumed = Progress(next(r for r in client.requests if r.messages), ["Hel", "lo"], tokens=2).payload("")
     assert resumed["messages"][-1] == {"role": "assistant", "content": "Hello"}
     assert resumed["continue_final_message"] is True and resumed["add_generation_prompt"] is False
+
+
+async def test_with_every_endpoint_down_for_give_up_s_the_waiting_tasks_fail() -> None:
+    rt = RemoteRuntime("far", [f"http://127.0.0.1:{free_port()}"], Trace(), slots=[1],
+                       retry_s=0.1, give_up_s=0.3)
+    tasks = [submitted(str(i)) for i in range(4)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rt.run)
+        for task in tasks:
+            rt.add(task)
+        for task in tasks:
+            await finished(task)
+        nursery.cancel_scope.cancel()
+    for task in tasks:
+        assert task.state is State.FAILED and "no endpoint answers" in task.error, task.error
+        assert "Connection refused" in task.error
+    assert rt.active() == 0 and rt.pool.status()[0].inflight == 0
