@@ -137,7 +137,7 @@ class RemoteRuntime:
         for task in list(self.queue.waiting) if why else []:
             self.trace.emit(Event.ERROR, task.id, task.uid, reason=why)
             self.end(task, State.FAILED, Finish.ERROR, f"remote error: {why}")
-        for task in self.queue.ranked_waiting():
+        for task in self.queue.ranked_waiting() if self.pool.room() > 0 else []:
             endpoint = self.pool.claim() if self.pool.room() > 0 else None
             if endpoint is None:
                 break
