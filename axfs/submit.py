@@ -171,13 +171,17 @@ class Submissions:
             self.loading.finish(task, State.FAILED, Finish.ERROR, error)
             return
         try:
-            added = self.prompts.follow_up(parent, task.prompt, runtime) if task.config.chat \
-                else task.prompt
+            added = self.prompts.follow_up(parent, task.prompt, runtime) \
+                if task.config.chat and not parent.turns else task.prompt
         except AxfsError as e:
             self.trace.emit(Event.ERROR, task.id, task.uid, reason=str(e))
             self.loading.finish(task, State.FAILED, Finish.ERROR, str(e))
             return
-        if runtime.seq_limit is None:  # remote: the context goes as text
+        if parent.turns:  # a chat the server templates: the fork is its next turn
+            task.turns = [*parent.turns, ("assistant", parent.output.decode("utf-8", "replace")),
+                          ("user", task.prompt)]
+            task.submit(task.prompt, [])
+        elif runtime.seq_limit is None:  # remote: the context goes as text
             task.model_prompt = parent.text_for_model + parent.output.decode("utf-8", "replace") \
                 + added
             task.submit(task.prompt, [])
@@ -196,7 +200,9 @@ class Submissions:
     async def _queue(self, task: Task, text: str) -> None:
         try:
             runtime = await self.loading.runtime(task.config.model)
-            if task.config.chat:
+            if task.config.chat and self.prompts.server_templates(runtime):
+                task.turns = [("user", text)]
+            elif task.config.chat:
                 task.model_prompt = self.prompts.chat(text, runtime)
             model_text = task.model_prompt or text
             if len(model_text) <= INLINE_TOKENIZE_CHARS:
@@ -205,7 +211,7 @@ class Submissions:
                 tokens = await trio.to_thread.run_sync(
                     lambda: runtime.tokenize(model_text, special=task.config.chat))
         except AxfsError as e:
-            task.model_prompt = ""
+            task.model_prompt, task.turns = "", []
             raise self.reject(task.uid, task, e) from e
         task.submit(text, tokens)
         task.model_sha = runtime.sha
@@ -216,6 +222,7 @@ class Submissions:
             if not task.finished:
                 task.state, task.submitted_at, task.waiting_since = State.DRAFT, 0.0, 0.0
                 task.prompt, task.prompt_tokens, task.model_prompt = "", [], ""
+                task.turns = []
             raise self.reject(task.uid, task, e) from e
         self.table.set_latest(task)
         if not task.finished:  # not killed while its record was written

@@ -60,6 +60,9 @@ class Task:
         self.model_prompt = ""  # the text the model is given, where it is not the prompt:
         # the prompt in the chat template, or a fork's whole context (see Kernel._queue)
         self.bad_constraint = ""  # why the last schema or grammar written did not compile
+        self.remote = False  # its text comes from a remote engine (axfs.remote), token ids not
+        self.turns: list[tuple[str, str]] = []  # a remote chat's (role, text) turns: sent as
+        # they are, the server applying its own template (see Submissions._queue)
         self.num_preempted = 0
         self.num_processed = 0  # tokens run through the model for it (prefill and decode)
         self.processed_at_start = 0  # num_processed when it was last admitted

@@ -95,10 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--idle-unload", type=float, default=600.0, metavar="SECONDS",
                    help="unload a model other than the default after this long idle (0: never)")
     m.add_argument("--remote", action="append", default=[],
-                   metavar="NAME=URL[,URL...][,key=PATH][,ca=PATH]",
-                   help="a model served by OpenAI-compatible endpoints, http:// or https://, with "
-                   "the file of its API key (mode 600) and of the CAs to check https against "
-                   "(repeatable)")
+                   metavar="NAME=URL[,slots=N][,URL...][,key=PATH][,ca=PATH]",
+                   help="a model served by OpenAI-compatible endpoints, http:// or https://, each "
+                   "with the requests it runs at once (default: what the server says, else 4), "
+                   "with the file of its API key (mode 600) and of the CAs to check https "
+                   "against (repeatable)")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount the tree and stop its daemon")
