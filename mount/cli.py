@@ -112,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    quiet_cpu_threads()  # before anything loads llama.cpp
     if args.command == "umount":
         return umount(args.mountpoint.absolute(), args.timeout)
     state_dir = (args.state_dir or default_state_dir()).absolute()
@@ -132,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.foreground:
         return _foreground(args, mountpoint, model, state_dir)
     return _background(args, mountpoint, model, state_dir)
+
+
+def quiet_cpu_threads() -> None:
+    """Unless the environment chose otherwise, llama.cpp's CPU threads (OpenMP's) sleep
+    as soon as they wait, instead of spinning first (libgomp spins about 300,000 times by
+    default). Whenever anything else wants the cores (the tree's own FUSE thread and its
+    readers, other programs), a spinning thread takes the core from the one it waits
+    for, at every barrier of every step: see docs/benchmarks.md, the hot path, for the
+    figures. Set before llama.cpp is loaded (libgomp reads it once); the daemon inherits
+    it."""
+    if not any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_dir: Path) -> int:
