@@ -35,6 +35,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,7 @@ class Journal:
         self.bytes_written = 0
         self.records = 0
         self.syncs = 0  # fsyncs of committed records
+        self.commit_s = 1.0  # how long the last commit's write and fsync took
 
     # -- reading -----------------------------------------------------------------
 
@@ -238,10 +240,12 @@ class Journal:
             self._leading = True
             group, self._queued = self._queued, []
         error: OSError | None = None
+        start = time.perf_counter()
         try:
             data = b"".join(c.data for c in group)
             with self._write_lock:
                 self._write_synced(data)
+                self.commit_s = time.perf_counter() - start
                 self.bytes_written += len(data)
                 self.records += len(group)
                 self.syncs += 1
