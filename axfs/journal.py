@@ -5,8 +5,9 @@ One append-only file, ``STATE_DIR/journal.msgpack``, a stream of msgpack maps:
 - ``{"t": "model", "name", "path", "sha256", "at"}`` when a model is loaded;
 - ``{"t": "task", ...}`` when a task is submitted: id, owner, parameters, prompt text
   and tokens, parent, the model's sha256 (see ``task_record``);
-- ``{"t": "gen", "id", "k": [token ids]}`` the tokens a task generated since the last
-  such record, written at most ``interval`` seconds after they were generated;
+- ``{"t": "gen", "id", "k": [token ids], "p": records}`` the tokens a task generated
+  since the last such record, written at most ``interval`` seconds after they were
+  generated; ``p``, for a task run with logprobs, their records (axfs.tokens), as bytes;
 - ``{"t": "end", "id", "state", "reason", "error", "text", ...}`` when it ends, with the
   text of its stream and its timeline;
 - ``{"t": "rm", "id"}`` when it is removed.
@@ -78,6 +79,7 @@ class Entry:
 
     record: dict[str, Any]
     tokens: list[int] = field(default_factory=list)  # generated so far
+    records: bytearray = field(default_factory=bytearray)  # their records (logprobs)
     end: dict[str, Any] | None = None
 
 
@@ -102,6 +104,7 @@ def make_task(entry: Entry) -> Task:
     task.follow_up = list(r.get("follow_up", []))
     task.model_prompt = r.get("model_prompt", "")
     task.model_sha = r.get("model_sha", "")
+    task.records = bytearray(entry.records)  # an unfinished task's: cut as it resumes
     for k in TIMES:
         setattr(task, k, r.get(k, 0.0))
     task.state = State.QUEUED
@@ -189,11 +192,13 @@ class Journal:
             loaded.models.append(rec)
         elif kind == "task":
             loaded.tasks[rec["id"]] = Entry(record=rec, tokens=list(rec.get("generated", [])),
+                                            records=bytearray(rec.get("records", b"")),
                                             end=rec.get("end"))
         elif kind == "gen":
             entry = loaded.tasks.get(rec["id"])
             if entry is not None:
                 entry.tokens += rec["k"]
+                entry.records += rec.get("p", b"")
         elif kind == "end":
             entry = loaded.tasks.get(rec["id"])
             if entry is not None:
@@ -333,6 +338,8 @@ def snapshot(task: Task, model_sha: str) -> dict[str, Any]:
     """One record holding a task whole, for compaction."""
     rec = task_record(task, task.model_sha or model_sha)
     rec["generated"] = list(task.output_tokens)
+    if task.records:
+        rec["records"] = bytes(task.records)
     if task.finished:
         rec["end"] = end_record(task)
     return rec

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import trio
 
+from axfs import tokens
 from axfs.errors import NotRecorded
 from axfs.journal import Journal, end_record, make_task, snapshot, task_record
 from axfs.models import Registry
@@ -97,6 +98,8 @@ class Keeper:
         record = task_record(task, task.model_sha)
         if task.output_tokens:  # a resumed task: what it generated before stays its own
             record["generated"] = list(task.output_tokens)
+        if task.records:
+            record["records"] = bytes(task.records)
         return record
 
     def _accept(self, task: Task) -> None:
@@ -170,7 +173,10 @@ class Keeper:
         for task in self._active.values():
             done = self._written.get(task.id, 0)
             if len(task.output_tokens) > done:
-                self.journal.append({"t": "gen", "id": task.id, "k": task.output_tokens[done:]})
+                record = {"t": "gen", "id": task.id, "k": task.output_tokens[done:]}
+                if task.records:
+                    record["p"] = tokens.records_after(task, done)
+                self.journal.append(record)
                 self._written[task.id] = len(task.output_tokens)
         ended, self._ended = self._ended, []
         for task in ended:

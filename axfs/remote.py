@@ -95,7 +95,11 @@ class RemoteRuntime:
         request = Request(prompt=task.text_for_model, max_tokens=config.max_tokens,
                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                           seed=config.seed, stop=tuple(config.stop),
-                          grammar=config.output_grammar)
+                          grammar=config.output_grammar, min_p=config.min_p,
+                          repeat_penalty=config.repeat_penalty,
+                          repeat_last_n=config.repeat_last_n,
+                          presence_penalty=config.presence_penalty,
+                          frequency_penalty=config.frequency_penalty)
         task.start(-1, 0)
         task.mark(Event.ADMIT, remote="yes")
         self.trace.emit(Event.ADMIT, task.id, task.uid, model=self.name, remote="yes")

@@ -76,6 +76,11 @@ class Request:
     seed: int = -1
     stop: tuple[str, ...] = ()
     grammar: str = ""  # GBNF the output must match: llama-server's ``grammar``; "": none
+    min_p: float = 0.05  # these five: llama-server's names and defaults
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -146,7 +151,9 @@ class Progress:
         payload: dict[str, Any] = {
             "prompt": req.prompt + "".join(self.text), "max_tokens": self.tokens_left,
             "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
-            "seed": req.seed, "stop": list(req.stop), "stream": True}
+            "seed": req.seed, "stop": list(req.stop), "stream": True, "min_p": req.min_p,
+            "repeat_penalty": req.repeat_penalty, "repeat_last_n": req.repeat_last_n,
+            "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
         if req.grammar:
             payload["grammar"] = req.grammar
         if model:
