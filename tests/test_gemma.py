@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mount, mounted
+from tests.test_logprobs import check_against_llama_cpp
 
 pytestmark = pytest.mark.mount
 
@@ -46,3 +47,11 @@ def test_format_json_output_parses_with_jq(gemma: Mount) -> None:
     assert gemma.status("classify")["finish_reason"] == "eos"
     out = gemma.sh("jq -c . tasks/classify/stream").stdout
     assert out.startswith("{")
+
+
+def test_greedy_logprobs_agree_with_llama_cpps_own(gemma: Mount) -> None:
+    gemma.sh("mkdir tasks/sure && printf 'max_tokens 12\\ntemperature 0\\nlogprobs 3\\n' "
+             "> tasks/sure/config && echo 'The capital of France is' > tasks/sure/prompt")
+    gemma.wait_state("sure", "done", timeout=120)
+    check_against_llama_cpp(gemma, "sure", 3)  # over Gemma's 262,144 tokens
+    assert float(gemma.status("sure")["min_logprob"]) < 0
