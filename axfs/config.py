@@ -43,7 +43,7 @@ class TaskConfig:
     # llama-server's sampler settings, with its defaults (drivers.samplers)
     min_p: float = 0.05
     repeat_penalty: float = 1.0
-    repeat_last_n: int = 64  # -1: the whole context
+    repeat_last_n: int = 64  # 0: no penalties
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int = 0  # > 0: tasks/ID/tokens lists this many alternatives a token
@@ -197,7 +197,7 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "deadline": _number(float, 0.0, 31_536_000.0),
     "min_p": _number(float, 0.0, 1.0),
     "repeat_penalty": _finite(positive=True),
-    "repeat_last_n": _number(int, -1, 2**31 - 1),
+    "repeat_last_n": _number(int, 0, 2**31 - 1),  # llama-server's (an int32)
     "presence_penalty": _finite(),
     "frequency_penalty": _finite(),
     "logprobs": _number(int, 0, MAX_LOGPROBS),

@@ -110,8 +110,8 @@ class Task:
         sampling = self.config.sampling()
         if not sampling.penalized:
             return sampling
-        history, n = self.prompt_tokens + self.output_tokens, sampling.repeat_last_n
-        return dataclasses.replace(sampling, recent=tuple(history if n < 0 else history[-n:]))
+        history = self.prompt_tokens + self.output_tokens
+        return dataclasses.replace(sampling, recent=tuple(history[-sampling.repeat_last_n:]))
 
     @property
     def num_prompt_cached(self) -> int:

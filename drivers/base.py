@@ -36,7 +36,7 @@ class Sampling:
     grammar: str = ""  # GBNF the output must match (drivers.grammar); "": none
     min_p: float = 0.0
     repeat_penalty: float = 1.0
-    repeat_last_n: int = 64  # tokens the penalties look back over; -1: the whole context
+    repeat_last_n: int = 64  # tokens the penalties look back over
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # The sequence's last tokens so far (at most repeat_last_n), which the penalties count

@@ -69,8 +69,8 @@ def make(vocab: ctypes.c_void_p, sampling: Sampling, n_vocab: int, n_ctx: int) -
 def _penalties(sampling: Sampling, n_vocab: int, n_ctx: int) -> ctypes.c_void_p:
     """llama.cpp's penalties sampler, having seen the sequence's recent tokens (as
     llama-server's slot accepts its prompt into its sampler). Its window holds at most the
-    context (-1 is the whole of it): llama.cpp allocates it whole."""
-    last_n = n_ctx if sampling.repeat_last_n < 0 else min(sampling.repeat_last_n, n_ctx)
+    context: llama.cpp allocates it whole."""
+    last_n = min(sampling.repeat_last_n, n_ctx)
     penalties: ctypes.c_void_p = lc.llama_sampler_init_penalties(
         n_vocab, last_n, sampling.repeat_penalty, sampling.frequency_penalty,
         sampling.presence_penalty)

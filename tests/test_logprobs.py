@@ -60,7 +60,7 @@ def test_a_huge_penalty_repeats_no_token_of_the_sequence(driver: LlamaCppDriver,
     prompt = driver.tokenize(PROMPT)
     plain, _ = decode(driver, Sampling(temperature=0), prompt, 30)
     assert len(set(plain)) < len(plain)  # the tiny model's greedy text repeats itself
-    sampling = Sampling(temperature=0, repeat_last_n=-1, recent=tuple(prompt), **penalty)  # type: ignore[arg-type]
+    sampling = Sampling(temperature=0, repeat_last_n=1024, recent=tuple(prompt), **penalty)  # type: ignore[arg-type]
     tokens, _ = decode(driver, sampling, prompt, 30)
     assert len(set(tokens)) == len(tokens) and not set(tokens) & set(prompt)
 
@@ -175,9 +175,9 @@ def test_a_huge_repeat_penalty_reaches_the_sampler(ax: Mount) -> None:
     plain = run(ax, "temperature 0\\nmax_tokens 30\\n")
     ids = ax.sh(f"cut -f2 tasks/{plain}/tokens").stdout.split()
     assert len(set(ids)) < len(ids)
-    name = run(ax, "temperature 0\\nmax_tokens 30\\nrepeat_penalty 1e30\\nrepeat_last_n -1\\n")
+    name = run(ax, "temperature 0\\nmax_tokens 30\\nrepeat_penalty 1e30\\nrepeat_last_n 100000\\n")
     assert ax.sh(f"cut -f2 tasks/{name}/tokens | sort | uniq -d").stdout == ""
-    assert "repeat_penalty 1e+30\nrepeat_last_n -1\n" in ax.read(f"tasks/{name}/config")
+    assert "repeat_penalty 1e+30\nrepeat_last_n 100000\n" in ax.read(f"tasks/{name}/config")
 
 
 @pytest.mark.mount
@@ -186,7 +186,7 @@ def test_a_huge_repeat_penalty_reaches_the_sampler(ax: Mount) -> None:
     ("logprobs many", "not an integer"),
     ("min_p 2", "outside 0.0..1.0"),
     ("repeat_penalty 0", "not above 0"),
-    ("repeat_last_n -2", "outside -1..2147483647"),
+    ("repeat_last_n -1", "outside 0..2147483647"),
     ("presence_penalty inf", "not a finite number"),
     ("frequency_penalty nan", "not a finite number"),
 ])

@@ -14,7 +14,7 @@ from axfs.task import State, Task
 from axfs.timeline import Finish
 from axfs.trace import Trace
 from drivers.base import DriverError
-from drivers.openai import Request
+from drivers.openai import Progress, Request
 from drivers.pool import Outcome
 
 
@@ -84,6 +84,24 @@ async def test_text_streams_in_and_the_servers_count_and_ending_are_kept() -> No
     assert task.state is State.DONE and task.finish_reason is Finish.LENGTH and ended == [task]
     req = pool.requests[0]
     assert req.prompt == "prompt a" and req.max_tokens == 5 and req.stop == ("x",)
+
+
+async def test_the_sampler_settings_go_to_the_server() -> None:
+    pool = FakePool(["ok"])
+    rt, _ = runtime(pool)
+    task = submitted("a", min_p=0.2, repeat_penalty=1.5, repeat_last_n=1000,
+                     presence_penalty=0.5, frequency_penalty=-0.25)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rt.run)
+        rt.add(task)
+        pool.release.set()
+        await finished(task)
+        nursery.cancel_scope.cancel()
+    payload = Progress(pool.requests[0]).payload("far")
+    assert {k: payload[k] for k in ("min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
+                                    "frequency_penalty")} == {
+        "min_p": 0.2, "repeat_penalty": 1.5, "repeat_last_n": 1000, "presence_penalty": 0.5,
+        "frequency_penalty": -0.25}
 
 
 async def test_an_error_fails_the_task_with_the_reason() -> None:
