@@ -21,6 +21,8 @@ from drivers.base import Sampling
 
 MAX_STOPS = 8
 MAX_STOP_LEN = 256
+MAX_LOGPROBS = 20  # alternatives a token record lists at most (OpenAI's top_logprobs limit)
+FLT_MAX = 3.4028234663852886e38  # llama.cpp takes the penalties as C floats: finite ones
 
 
 @dataclass(slots=True)
@@ -38,6 +40,13 @@ class TaskConfig:
     chat: bool = False  # the prompt goes through the model's chat template
     format: str = "text"  # "json": the output is one JSON object (llama.cpp's JSON grammar)
     deadline: float = 0.0  # seconds from submission; 0: none (see axfs.deadlines)
+    # llama-server's sampler settings, with its defaults (drivers.samplers)
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64  # 0: no penalties
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int = 0  # > 0: tasks/ID/tokens lists this many alternatives a token
     # Written to tasks/ID/schema or tasks/ID/grammar, not to config: the GBNF the output
     # must match (a schema's converted) and the schema it came from.
     grammar: str = ""
@@ -47,8 +56,12 @@ class TaskConfig:
         return dataclasses.replace(self, stop=list(self.stop))
 
     def sampling(self) -> Sampling:
+        """How the driver samples (the penalties' recent tokens are the task's: Task.sampling)."""
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                        seed=self.seed, grammar=self.output_grammar)
+                        seed=self.seed, grammar=self.output_grammar, min_p=self.min_p,
+                        repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n,
+                        presence_penalty=self.presence_penalty,
+                        frequency_penalty=self.frequency_penalty, logprobs=self.logprobs)
 
     @property
     def output_grammar(self) -> str:
@@ -73,7 +86,17 @@ class TaskConfig:
         lines.append(f"chat {'on' if self.chat else 'off'}")
         lines.append(f"format {self.format}")
         lines.append(f"deadline {self.deadline:g}")
+        lines += [f"min_p {self.min_p:g}", f"repeat_penalty {self.repeat_penalty:g}",
+                  f"repeat_last_n {self.repeat_last_n}",
+                  f"presence_penalty {self.presence_penalty:g}",
+                  f"frequency_penalty {self.frequency_penalty:g}", f"logprobs {self.logprobs}"]
         return "\n".join(lines) + "\n"
+
+    def check_remote(self) -> None:
+        """What a task of a remote model cannot have; BadInput why."""
+        if self.logprobs:
+            raise BadInput(f"logprobs: model {self.model} is remote, and axfs computes "
+                           "logprobs from llama.cpp's logits, in this process only")
 
     def updated(self, text: str, models: set[str], where: str = "config") -> TaskConfig:
         """A copy with the ``key value`` lines of ``text`` applied; BadInput if any is bad
@@ -133,6 +156,23 @@ def _number(kind: type[T], lo: T, hi: T) -> Callable[[str, str], T]:
     return parse
 
 
+def _finite(positive: bool = False) -> Callable[[str, str], float]:
+    """A number llama.cpp can take as a C float (llama-server's range for the penalties);
+    with ``positive``, above 0."""
+    real = _number(float, -FLT_MAX, FLT_MAX)
+
+    def parse(value: str, where: str) -> float:
+        try:
+            v = real(value, where)
+        except BadInput:
+            raise BadInput(f"{where}: {value!r} is not a finite number") from None
+        if positive and v <= 0:
+            raise BadInput(f"{where}: {value} is not above 0")
+        return v
+
+    return parse
+
+
 def _switch(value: str, where: str) -> bool:
     if value not in ("on", "off"):
         raise BadInput(f"{where}: {value!r} is not on or off")
@@ -155,6 +195,12 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "chat": _switch,
     "format": _format,
     "deadline": _number(float, 0.0, 31_536_000.0),
+    "min_p": _number(float, 0.0, 1.0),
+    "repeat_penalty": _finite(positive=True),
+    "repeat_last_n": _number(int, 0, 2**31 - 1),  # llama-server's (an int32)
+    "presence_penalty": _finite(),
+    "frequency_penalty": _finite(),
+    "logprobs": _number(int, 0, MAX_LOGPROBS),
 }
 KEYS = ("model", *_PARSERS, "stop")
 

@@ -44,6 +44,7 @@ ABORT_GAP_S = 1.0  # at most one step aborted for a newcomer in this long
 @dataclass(slots=True)
 class StepResult:
     sampled: dict[int, int] = field(default_factory=dict)  # seq -> token
+    records: dict[int, bytes] = field(default_factory=dict)  # seq -> its token's record
     saved: dict[str, SeqState] = field(default_factory=dict)  # task id -> its saved state
     save_s: float = 0.0  # driver time only (writing to swap files is not counted)
     saved_bytes: int = 0
@@ -237,11 +238,13 @@ class Engine:
                 self.driver.restore_seq(slot, back)
                 result.restored_bytes += back.kv_bytes
             else:
-                self.driver.open_seq(slot, task.config.sampling())
+                self.driver.open_seq(slot, task.sampling())
         result.restore_s = time.perf_counter() - start
         start = time.perf_counter()
         try:
-            result.sampled = self.driver.step(plan.pieces) if plan.pieces else {}
+            if plan.pieces:
+                result.sampled = self.driver.step(plan.pieces)
+                result.records = self.driver.token_records()
         except StepAborted:
             result.aborted = True
         except DriverError as e:
@@ -283,7 +286,7 @@ class Engine:
         batch = len(plan.pieces)
         grow, charge, is_eog = self.scheduler.kv.blocks.grow, self.scheduler.charge, self.driver.is_eog
         limit = self.scheduler.kv.seq_limit
-        sampled = result.sampled
+        sampled, records = result.sampled, result.records
         text: list[tuple[Task, int]] = []
         for piece in plan.pieces:
             seq, n = piece.seq, len(piece.tokens)
@@ -303,6 +306,8 @@ class Engine:
                 continue
             first = not task.output_tokens
             task.take(token, now)
+            if records and seq in records:
+                task.records += records[seq]
             if first:
                 note_first_token(self.trace, task)
             ending = task.ends_with(is_eog(token), task.num_history + 1 > limit)

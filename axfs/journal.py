@@ -5,9 +5,11 @@ One append-only file, ``STATE_DIR/journal.msgpack``, a stream of msgpack maps:
 - ``{"t": "model", "name", "path", "sha256", "at"}`` when a model is loaded;
 - ``{"t": "task", ...}`` when a task is submitted: id, owner, parameters, prompt text
   and tokens, parent, the model's sha256 (see ``task_record``);
-- ``{"t": "gen", "id", "k": [token ids]}`` the tokens a task generated since the last
-  such record, written at most ``interval`` seconds after they were generated; a remote
-  task's, whose ids are not known (-1 each), with ``"x"``: the bytes of its text they made;
+- ``{"t": "gen", "id", "k": [token ids], "p": records}`` the tokens a task generated
+  since the last such record, written at most ``interval`` seconds after they were
+  generated; ``p``, for a task run with logprobs, their records (axfs.tokens), as bytes;
+  a remote task's, whose ids are not known (-1 each), with ``"x"``: the bytes of its
+  text they made;
 - ``{"t": "end", "id", "state", "reason", "error", "text", ...}`` when it ends, with the
   text of its stream and its timeline;
 - ``{"t": "rm", "id"}`` when it is removed.
@@ -82,6 +84,7 @@ class Entry:
     record: dict[str, Any]
     tokens: list[int] = field(default_factory=list)  # generated so far
     text: bytearray = field(default_factory=bytearray)  # a remote task's, so far
+    records: bytearray = field(default_factory=bytearray)  # their records (logprobs)
     end: dict[str, Any] | None = None
 
 
@@ -109,6 +112,7 @@ def make_task(entry: Entry) -> Task:
     task.output = bytearray(entry.text)  # a remote task's text so far (a local one's is rebuilt)
     task.remote = bool(entry.text)
     task.model_sha = r.get("model_sha", "")
+    task.records = bytearray(entry.records)  # an unfinished task's: cut as it resumes
     for k in TIMES:
         setattr(task, k, r.get(k, 0.0))
     task.state = State.QUEUED
@@ -197,12 +201,15 @@ class Journal:
             loaded.models.append(rec)
         elif kind == "task":
             loaded.tasks[rec["id"]] = Entry(record=rec, tokens=list(rec.get("generated", [])),
-                                            text=bytearray(rec.get("text", b"")), end=rec.get("end"))
+                                            text=bytearray(rec.get("text", b"")),
+                                            records=bytearray(rec.get("records", b"")),
+                                            end=rec.get("end"))
         elif kind == "gen":
             entry = loaded.tasks.get(rec["id"])
             if entry is not None:
                 entry.tokens += rec["k"]
                 entry.text += rec.get("x", b"")
+                entry.records += rec.get("p", b"")
         elif kind == "end":
             entry = loaded.tasks.get(rec["id"])
             if entry is not None:
@@ -346,6 +353,8 @@ def snapshot(task: Task, model_sha: str) -> dict[str, Any]:
     rec["generated"] = list(task.output_tokens)
     if task.remote:
         rec["text"] = bytes(task.output)
+    if task.records:
+        rec["records"] = bytes(task.records)
     if task.finished:
         rec["end"] = end_record(task)
     return rec

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import trio
 
+from axfs import tokens
 from axfs.errors import NotRecorded
 from axfs.journal import Journal, end_record, make_task, snapshot, task_record
 from axfs.models import Registry
@@ -109,6 +110,8 @@ class Keeper:
             record["generated"] = list(task.output_tokens)
             if task.remote:
                 record["text"] = bytes(task.output)
+        if task.records:
+            record["records"] = bytes(task.records)
         return record
 
     def _accept(self, task: Task) -> None:
@@ -186,6 +189,8 @@ class Keeper:
                 if task.remote:  # its tokens are not known: its text is kept with them
                     record["x"] = bytes(task.output[self._text_written.get(task.id, 0):])
                     self._text_written[task.id] = len(task.output)
+                if task.records:
+                    record["p"] = tokens.records_after(task, done)
                 self.journal.append(record)
                 self._written[task.id] = len(task.output_tokens)
         ended, self._ended = self._ended, []

@@ -182,7 +182,10 @@ class RemoteRuntime:
         return Request(prompt=task.text_for_model, max_tokens=config.max_tokens,
                        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                        seed=config.seed, stop=tuple(config.stop), grammar=config.output_grammar,
-                       messages=tuple(task.turns))
+                       messages=tuple(task.turns), min_p=config.min_p,
+                       repeat_penalty=config.repeat_penalty, repeat_last_n=config.repeat_last_n,
+                       presence_penalty=config.presence_penalty,
+                       frequency_penalty=config.frequency_penalty)
 
     # -- one request
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from axfs import tokens
 from axfs.loading import Loading
 from axfs.persist import Keeper
 from axfs.runtime import Runtime
@@ -68,6 +69,7 @@ class Restore:
                     break
                 task.add_token(token, runtime.piece(token), runtime.is_eog(token),
                                limit_reached=False)
+            tokens.keep(task, len(task.output_tokens))  # the records of the tokens taken again
         self.trace.emit(Event.RESUME, task.id, task.uid, tokens=len(generated))
         reason = task.finish_reason
         if reason is not None:  # it ended among the tokens journaled: its end was not

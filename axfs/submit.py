@@ -200,6 +200,8 @@ class Submissions:
     async def _queue(self, task: Task, text: str) -> None:
         try:
             runtime = await self.loading.runtime(task.config.model)
+            if runtime.seq_limit is None:  # remote: its model may have become so since
+                task.config.check_remote()
             if task.config.chat and self.prompts.server_templates(runtime):
                 task.turns = [("user", text)]
             elif task.config.chat:

@@ -8,6 +8,7 @@ characters, honours stop strings and wakes the readers of its stream.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import enum
 import time
 
@@ -16,6 +17,7 @@ import trio
 from axfs.config import TaskConfig
 from axfs.timeline import Entry, Finish, Mark, StepKind, Steps
 from axfs.trace import Event
+from drivers.base import Sampling
 
 
 class State(enum.StrEnum):
@@ -43,6 +45,7 @@ class Task:
         self.prompt_tokens: list[int] = []
         self.output = bytearray()  # the published stream: whole UTF-8 characters
         self.output_tokens: list[int] = []
+        self.records = bytearray()  # with config logprobs: a token record each (axfs.tokens)
         self.error = ""
         self.finish_reason: Finish | None = None
         self.seq: int | None = None  # the model sequence slot while admitted
@@ -104,6 +107,15 @@ class Task:
         if self.num_cached >= n_prompt:  # the usual case: no copy of the prompt
             return self.output_tokens[self.num_cached - n_prompt :]
         return self.prompt_tokens[self.num_cached :] + self.output_tokens
+
+    def sampling(self) -> Sampling:
+        """How the driver samples for it: as its config says, with the last tokens of its
+        sequence, which the penalties count as seen (llama-server counts the prompt too)."""
+        sampling = self.config.sampling()
+        if not sampling.penalized:
+            return sampling
+        history = self.prompt_tokens + self.output_tokens
+        return dataclasses.replace(sampling, recent=tuple(history[-sampling.repeat_last_n:]))
 
     @property
     def num_prompt_cached(self) -> int:

@@ -42,6 +42,9 @@ class TaskControl:
             base.grammar, base.schema = task.config.grammar, task.config.schema
         try:
             config = base.updated(text, set(self.loading.registry.entries))
+            entry = self.loading.registry.entries.get(config.model)
+            if entry is not None and entry.remote:
+                config.check_remote()
             self.quota.check_config(task.uid, config)
         except AxfsError as e:
             raise self.reject(task.uid, task, e) from e

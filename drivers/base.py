@@ -26,13 +26,29 @@ class StepAborted(DriverError):
 
 @dataclass(slots=True, frozen=True)
 class Sampling:
-    """How one sequence picks its next token. temperature 0 means greedy."""
+    """How one sequence picks its next token. temperature 0 means greedy. The defaults
+    leave out what they can (no min-p, no penalties); llama-server's are axfs.config's."""
 
     temperature: float = 0.0
     top_k: int = 40
     top_p: float = 0.95
     seed: int = 0
     grammar: str = ""  # GBNF the output must match (drivers.grammar); "": none
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64  # tokens the penalties look back over
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # The sequence's last tokens so far (at most repeat_last_n), which the penalties count
+    # as seen from the start, as llama-server counts the prompt: set only when penalized.
+    recent: tuple[int, ...] = ()
+    logprobs: int = 0  # > 0: each sampled token's record with this many alternatives
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the penalties change anything (llama.cpp's own test for a no-op)."""
+        return self.repeat_last_n != 0 and (self.repeat_penalty != 1.0 or self.presence_penalty != 0.0
+                                            or self.frequency_penalty != 0.0)
 
 
 @dataclass(slots=True)
@@ -137,6 +153,11 @@ class Driver(Protocol):
 
     def step(self, pieces: list[Piece]) -> dict[int, int]:
         """Run one batch; return the sampled token for every piece with ``sample``."""
+        ...
+
+    def token_records(self) -> dict[int, bytes]:
+        """After ``step``: for each sequence opened with ``logprobs`` that sampled a
+        token, that token's record (drivers.logprobs)."""
         ...
 
     def abort(self, stop: bool = True) -> None:

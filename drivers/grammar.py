@@ -21,6 +21,11 @@ import llama_cpp as lc
 from llama_cpp import llama_grammar
 
 JSON = llama_grammar.JSON_GBNF  # llama.cpp's grammars/json.gbnf: one JSON object
+# A character of a JSON string. llama-cpp-python's converter lets control characters in
+# (``[^"\\]``), which JSON does not allow (jq refuses them); llama.cpp's own converter
+# (common/json-schema-to-grammar.cpp) keeps them out, and so does this rule.
+_CHAR = f"char ::= {llama_grammar.PRIMITIVE_RULES['char'].content}\n"
+_JSON_CHAR = _CHAR.replace(r'[^"\\]', r'[^"\\\x7F\x00-\x1F]', 1)
 ROOT = b"root"
 MAX_REASON = 300
 
@@ -40,7 +45,8 @@ def from_schema(text: str) -> str:
     if not isinstance(schema, dict | bool):
         raise GrammarError("a JSON Schema is an object (or true)")
     try:
-        grammar = str(llama_grammar.json_schema_to_gbnf(json.dumps(schema)))
+        grammar = str(llama_grammar.json_schema_to_gbnf(json.dumps(schema))).replace(
+            _CHAR, _JSON_CHAR)
     except Exception as e:  # the converter raises what it meets: KeyError, ValueError...
         raise GrammarError(f"schema not supported: {type(e).__name__}: {e}") from e
     check(grammar)

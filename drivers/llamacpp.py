@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
-from drivers import gguf
+from drivers import gguf, logprobs, samplers
 from drivers.base import (
     ContextShape,
     DriverError,
@@ -98,8 +98,8 @@ class LlamaCppDriver:
             cell_bytes=self._cell_bytes(),
         )
         self._batch = lc.llama_batch_init(self.shape.n_batch, 0, 1)
-        self._samplers: dict[int, ctypes.c_void_p] = {}
-        self._greedy: set[int] = set()  # sequences sampled by argmax of the logits
+        self._samplers: dict[int, samplers.SeqSampler] = {}
+        self._records: dict[int, bytes] = {}  # the last step's token records (token_records)
         self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
         self._pieces: dict[int, bytes] = {}  # token -> its bytes, as tokens are first seen
         self._eog: dict[int, bool] = {}  # token -> whether it ends generation
@@ -232,37 +232,13 @@ class LlamaCppDriver:
         if not 0 <= seq < self.shape.n_seq_max:
             raise DriverError(f"sequence {seq} is outside 0..{self.shape.n_seq_max - 1}")
         self._drop_sampler(seq)
-        if sampling.temperature <= 0 and not sampling.grammar:
-            # Argmax straight from the logits: llama.cpp's greedy sampler first copies
-            # all n_vocab logits into candidate records, per token (262k for Gemma).
-            self._greedy.add(seq)
-            return
-        sparams = lc.llama_sampler_chain_default_params()
-        chain = lc.llama_sampler_chain_init(sparams)
-        if sampling.grammar:
-            # First, so that what the others keep can always match the grammar.
-            grammar = lc.llama_sampler_init_grammar(self._vocab, sampling.grammar.encode(), b"root")
-            if not grammar:
-                lc.llama_sampler_free(chain)
-                raise DriverError("llama.cpp could not compile the task's grammar")
-            lc.llama_sampler_chain_add(chain, grammar)
-            if sampling.temperature <= 0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-                self._samplers[seq] = chain
-                return
-        if sampling.top_k > 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(sampling.top_k))
-        if sampling.top_p < 1.0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(sampling.top_p, 1))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(sampling.temperature))
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(sampling.seed))
-        self._samplers[seq] = chain
+        self._samplers[seq] = samplers.make(self._vocab, sampling, self.info.vocab_size,
+                                            self.shape.n_ctx)
 
     def _drop_sampler(self, seq: int) -> None:
-        self._greedy.discard(seq)
-        chain = self._samplers.pop(seq, None)
-        if chain is not None:
-            lc.llama_sampler_free(chain)
+        sampler = self._samplers.pop(seq, None)
+        if sampler is not None:
+            sampler.free()
 
     def close_seq(self, seq: int) -> None:
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
@@ -288,12 +264,13 @@ class LlamaCppDriver:
             kv = (ctypes.c_uint8 * size)()
             if lc.llama_state_seq_get_data(self._ctx, kv, size, seq) != size:
                 raise DriverError(f"llama.cpp could not save sequence {seq}")
-        sampler: object = "greedy" if seq in self._greedy else self._samplers.pop(seq)
-        self._greedy.discard(seq)
+        sampler = self._samplers.pop(seq)
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
         return SeqState(sampler=sampler, kv=kv, kv_bytes=size)
 
     def restore_seq(self, seq: int, state: SeqState) -> None:
+        if not isinstance(state.sampler, samplers.SeqSampler):
+            raise DriverError("saved state is not from this driver")
         self._drop_sampler(seq)
         if state.kv is not None:
             kv = state.kv
@@ -304,10 +281,7 @@ class LlamaCppDriver:
             lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
             if lc.llama_state_seq_set_data(self._ctx, kv, state.kv_bytes, seq) == 0:
                 raise DriverError(f"llama.cpp could not restore a sequence into slot {seq}")
-        if state.sampler == "greedy":
-            self._greedy.add(seq)
-        else:
-            self._samplers[seq] = state.sampler  # type: ignore[assignment]
+        self._samplers[seq] = state.sampler
 
     # -- the step ------------------------------------------------------------------
 
@@ -340,19 +314,41 @@ class LlamaCppDriver:
             raise DriverError("the KV cache has no room for this step")
         if rc != 0:
             raise DriverError(f"llama_decode failed with code {rc}")
-        return {seq: self._sample(seq, idx) for seq, idx in wanted}
+        sampled = {seq: self._sample(seq, idx) for seq, idx in wanted}
+        asked = [(seq, idx) for seq, idx in wanted if self._samplers[seq].logprobs]
+        self._records = self._token_records(asked, sampled) if asked else {}
+        return sampled
+
+    def token_records(self) -> dict[int, bytes]:
+        return self._records
 
     def abort(self, stop: bool = True) -> None:
         self._abort[0] = b"\1" if stop else b"\0"
 
+    def _logits(self, idx: int) -> np.ndarray:
+        """The logits of output ``idx`` of the last step (a view of llama.cpp's buffer)."""
+        logits = lc.llama_get_logits_ith(self._ctx, idx)
+        return np.ctypeslib.as_array(logits, shape=(self.info.vocab_size,))
+
     def _sample(self, seq: int, idx: int) -> int:
-        if seq in self._greedy:
+        chain = self._samplers[seq].chain
+        if chain is None:
             logits = lc.llama_get_logits_ith(self._ctx, idx)
             return int(np.ctypeslib.as_array(logits, shape=(self.info.vocab_size,)).argmax())
-        return int(lc.llama_sampler_sample(self._samplers[seq], self._ctx, idx))
+        return int(lc.llama_sampler_sample(chain, self._ctx, idx))
+
+    def _token_records(self, asked: list[tuple[int, int]], sampled: dict[int, int]
+                       ) -> dict[int, bytes]:
+        """The records of the tokens sampled for ``asked`` (seq, output index): their rows
+        of logits are untouched by sampling (the samplers work on copies)."""
+        rows = np.stack([self._logits(idx) for _, idx in asked])
+        seqs = [seq for seq, _ in asked]
+        made = logprobs.records(rows, [sampled[s] for s in seqs],
+                                [self._samplers[s].logprobs for s in seqs])
+        return dict(zip(seqs, made, strict=True))
 
     def close(self) -> None:
-        for seq in list(self._samplers) + list(self._greedy):
+        for seq in list(self._samplers):
             self.close_seq(seq)
         if self._ctx:
             lc.llama_batch_free(self._batch)

@@ -33,6 +33,11 @@ class Request:
     stop: tuple[str, ...] = ()
     grammar: str = ""  # GBNF the output must match: llama-server's ``grammar``; "": none
     messages: tuple[tuple[str, str], ...] = ()  # (role, text) turns: a chat; prompt unused
+    min_p: float = 0.05  # these five: llama-server's names and defaults
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -67,7 +72,9 @@ class Progress:
         payload: dict[str, Any] = {
             "max_tokens": self.tokens_left, "temperature": req.temperature, "top_k": req.top_k,
             "top_p": req.top_p, "seed": req.seed, "stop": list(req.stop), "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, "min_p": req.min_p,
+            "repeat_penalty": req.repeat_penalty, "repeat_last_n": req.repeat_last_n,
+            "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
         if not req.messages:
             payload["prompt"] = req.prompt + text
         else:

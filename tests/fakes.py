@@ -2,7 +2,8 @@
 
 Tokens are Unicode code points: ``tokenize`` maps each character to its code point and
 the next token after ``t`` is scripted by ``script`` (default: the next letter), so
-tests can predict every byte of a stream. Token 0 is the end-of-generation token.
+tests can predict every byte of a stream. Token 0 is the end-of-generation token. A
+sequence opened with logprobs gets ``fake_record``s.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import trio
 
 from axfs.kernel import Kernel
 from axfs.runtime import LocalRuntime
+from drivers import logprobs
 from drivers.base import (
     ContextShape,
     DriverError,
@@ -26,6 +28,13 @@ from drivers.base import (
 )
 
 EOG = 0
+
+
+def fake_record(token: int, n: int) -> bytes:
+    """The record of ``token`` with ``n`` alternatives: log-probability -token/1000,
+    entropy 0.5, the alternatives the token and those after it, each 1 less likely."""
+    return logprobs.record(-token / 1000, 0.5, [token + i for i in range(n)],
+                           [-token / 1000 - i for i in range(n)])
 
 
 def next_letter(token: int) -> int:
@@ -49,6 +58,7 @@ class FakeDriver:
         self.copies: list[tuple[int, int, int]] = []
         self.aborting = False
         self.step_delay = 0.0  # seconds a step takes per piece
+        self.records: dict[int, bytes] = {}
 
     def tokenize(self, text: str, bos: bool = True, *, special: bool = False) -> list[int]:
         return [ord(c) for c in text]
@@ -115,6 +125,7 @@ class FakeDriver:
             raise DriverError("over n_batch")
         self.steps.append(pieces)
         out = {}
+        self.records = {}
         for p in pieces:
             if p.seq not in self.open:
                 raise DriverError(f"sequence {p.seq} is not open")
@@ -122,8 +133,13 @@ class FakeDriver:
                 raise DriverError(f"sequence {p.seq} at {p.pos}, expected {self.positions[p.seq]}")
             self.positions[p.seq] += len(p.tokens)
             if p.sample:
-                out[p.seq] = self.script(p.tokens[-1])
+                out[p.seq] = token = self.script(p.tokens[-1])
+                if self.open[p.seq].logprobs:
+                    self.records[p.seq] = fake_record(token, self.open[p.seq].logprobs)
         return out
+
+    def token_records(self) -> dict[int, bytes]:
+        return self.records
 
     def close(self) -> None:
         self.open.clear()

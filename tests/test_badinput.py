@@ -234,7 +234,7 @@ def test_renames_links_chmod_and_truncate_that_make_no_sense_fail(ax: Mount, scr
     assert done.returncode != 0 and message in done.stderr, done
     assert sorted(os.listdir(ax.path / f"tasks/{task}")) == [
         "config", "ctl", "error", "fork", "grammar", "prompt", "schema", "status", "stream",
-        "timeline"]
+        "timeline", "tokens"]
     assert (ax.path / f"tasks/{task}/stream").read_bytes() == stream
     assert ax.status(task)["state"] == "done"
     assert not {"hard", "soft", "newfile"} & tasks(ax)

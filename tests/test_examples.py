@@ -120,3 +120,54 @@ def test_watch_errors_alerts_on_a_refused_write(ax: Mount, tmp_path: Path) -> No
     finally:
         os.killpg(watcher.pid, signal.SIGTERM)
         watcher.wait(timeout=10)
+
+
+UNSURE = re.compile(r"unsure of \w+ \(min_logprob (\S+), below \S+\)")
+
+
+def classify_from_cron(ax: Mount, tmp_path: Path, log: Path, **env: str
+                       ) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """classify-log.sh run from its crontab line, as cron runs it (/bin/sh, a bare PATH)."""
+    script = (EXAMPLES / "classify-log.sh").read_text()
+    cron = re.search(r"^#   (\S+ \S+ \S+ \S+ \S+)\s+(AXFS_ROOT=.*)$", script, re.M)
+    assert cron is not None, "no crontab line in the script's header"
+    out = tmp_path / "levels.tsv"
+    command = (cron.group(2).replace("AXFS_ROOT=/ax", f"AXFS_ROOT={ax.path}")
+               .replace("/opt/axfs/tools/examples/classify-log.sh", str(EXAMPLES / "classify-log.sh"))
+               .replace("/var/log/syslog", str(log)).replace("/var/tmp/levels.tsv", str(out)))
+    done = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env})
+    return done, out
+
+
+def test_classify_log_gives_each_new_line_one_verdict(ax: Mount, tmp_path: Path) -> None:
+    log = tmp_path / "syslog"
+    lines = [f"Nov 23 04:{i:02d} host app[{i}]: job {i} finished with status {i % 3}" for i in range(3)]
+    log.write_text("".join(f"{line}\n" for line in lines))
+    done, out = classify_from_cron(ax, tmp_path, log)
+    # The tiny model's weights are random: its JSON seldom has a level, and it is never sure.
+    accepted = out.read_text().splitlines() if out.exists() else []
+    refused = done.stderr.splitlines()  # classify-log.sh: tasks/ID: WHY: LINE
+    assert len(accepted) + len(refused) == 3 and done.stdout == "", done.stderr
+    assert done.returncode == (1 if refused else 0)
+    owners = [next(line for line in lines if r.endswith(f": {line}")) for r in refused]
+    assert sorted([a.split("\t", 1)[1] for a in accepted] + owners) == lines
+    for r in refused:
+        task = r.split()[1].removeprefix("tasks/").removesuffix(":")
+        assert ax.status(task)["state"] == "done" and "format json\n" in ax.read(f"tasks/{task}/config")
+        assert ax.read(f"tasks/{task}/tokens").count("\n") == int(ax.status(task)["generated_tokens"])
+        unsure = UNSURE.search(r)
+        assert unsure or "no level in the answer" in r, r
+        if unsure:
+            assert unsure[1] == ax.status(task)["min_logprob"] and float(unsure[1]) < -0.7
+    # Nothing new: nothing to do. Two lines more and one still being written: two read.
+    before = tasks_named(ax, "classify-")
+    idle, _ = classify_from_cron(ax, tmp_path, log)
+    assert (idle.returncode, idle.stderr, tasks_named(ax, "classify-")) == (0, "", before)
+    with log.open("a") as f:
+        f.write("Nov 23 05:00 host app[9]: disk full\nNov 23 05:01 host app[9]: retry\nNov 23 05:0")
+    again, _ = classify_from_cron(ax, tmp_path, log, MIN_LOGPROB="0")
+    assert again.returncode == 1 and len(again.stderr.splitlines()) == 2
+    assert (tmp_path / "levels.tsv.offset").read_text() == f"{log.stat().st_size - 11}\n"
+    log.write_text("rotated\n")  # shorter than what was read: a new log, read from its start
+    assert "rotated" in classify_from_cron(ax, tmp_path, log, MIN_LOGPROB="0")[0].stderr

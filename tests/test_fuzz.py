@@ -40,7 +40,7 @@ EXPECTED = frozenset({
 })
 ROOT = {"README", "models", "tasks", "memory", "sched", "trace", "devices", "replay", "users"}
 TASK_FILES = {"prompt", "stream", "status", "config", "ctl", "fork", "error", "timeline",
-              "schema", "grammar"}
+              "schema", "grammar", "tokens"}
 STATES = {"draft", "queued", "running", "preempted", "done", "failed", "killed"}
 
 _names = st.sampled_from(["new", "latest", "f1", "f2", "1", "2", "3", "10", "bad name", "..",

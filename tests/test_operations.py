@@ -134,7 +134,7 @@ async def test_readdir_lists_the_tree(ops: Operations, monkeypatch: pytest.Monke
                               b"devices", b"replay", b"users"}),
                         ("tasks", {b"new", b"latest", b"1"}),
                         ("tasks/1", {b"prompt", b"stream", b"status", b"config", b"ctl", b"fork",
-                                     b"error", b"timeline", b"schema", b"grammar"}),
+                                     b"error", b"timeline", b"schema", b"grammar", b"tokens"}),
                         ("models", {b"fake"})]:
         seen.clear()
         ino = await path_ino(ops, path) if path else pyfuse3.ROOT_INODE

@@ -147,3 +147,9 @@ def test_a_shell_sees_a_bad_schema_at_its_write(ax: Mount) -> None:
     assert "schema not supported" in ax.read(f"tasks/{name}/error")
     ax.sh(f"echo '{{\"enum\": [\"a\", \"b\"]}}' > tasks/{name}/schema")  # a good one clears it
     assert run(ax, name) in ('"a"', '"b"')
+
+
+def test_a_schemas_strings_hold_no_control_characters() -> None:
+    # llama-cpp-python's converter let them in: seed 7 above wrote a raw 0x1D into a tag.
+    rule = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" ('
+    assert rule in grammar.from_schema('{"type": "string"}')

@@ -95,6 +95,20 @@ async def test_stream_matches_non_streaming(tiny_model: Path, binary: Path) -> N
         assert [(s.served, s.inflight, s.up) for s in pool.status()] == [(2, 0, True)]
 
 
+async def test_sampler_settings_reach_the_server(tiny_model: Path, binary: Path) -> None:
+    with llama_server(tiny_model, parallel=1, ctx=4096, binary=binary) as server:
+        pool = Pool([server.url])
+        plain: list[str] = []
+        penalized: list[str] = []
+        await pool.complete(Request(PROMPT, 32), plain.append)
+        await pool.complete(Request(PROMPT, 32, repeat_penalty=1e30, repeat_last_n=1000),
+                            penalized.append)
+        whole = await trio.to_thread.run_sync(post, server.url, {
+            "prompt": PROMPT, "max_tokens": 32, "temperature": 0, "repeat_penalty": 1e30,
+            "repeat_last_n": 1000})
+        assert "".join(penalized) == whole["choices"][0]["text"] != "".join(plain)
+
+
 async def test_concurrent_requests_use_both(two: tuple[Server, Server]) -> None:
     a, b = two
     pool = Pool([a.url, b.url])

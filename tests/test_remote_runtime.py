@@ -136,6 +136,24 @@ async def test_text_streams_in_and_the_servers_count_and_ending_are_kept() -> No
     assert rt.policy.users() == {0: (100.0, 5)} and task.num_processed == 5
 
 
+async def test_the_sampler_settings_go_to_the_server() -> None:
+    client = FakeClient(["ok"])
+    rt, _ = runtime(client)
+    task = submitted("a", min_p=0.2, repeat_penalty=1.5, repeat_last_n=1000,
+                     presence_penalty=0.5, frequency_penalty=-0.25)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rt.run)
+        rt.add(task)
+        client.release.set()
+        await finished(task)
+        nursery.cancel_scope.cancel()
+    payload = Progress(client.requests[0]).payload("far")
+    assert {k: payload[k] for k in ("min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
+                                    "frequency_penalty")} == {
+        "min_p": 0.2, "repeat_penalty": 1.5, "repeat_last_n": 1000, "presence_penalty": 0.5,
+        "frequency_penalty": -0.25}
+
+
 async def test_an_error_fails_the_task_with_the_reason() -> None:
     client = FakeClient([], error="all endpoints down")
     rt, ended = runtime(client)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable, Iterator
 
-from axfs import privacy, replay
+from axfs import privacy, replay, tokens
 from axfs.errors import Exists
 from axfs.fs import reads, views, writes
 from axfs.fs.tree import Dir, Entry, File, Link, Mounted, Node, Owner
@@ -62,6 +62,11 @@ def timeline(m: Mounted, task: Task) -> str:
     return replay.timeline(task, m.kernel.model_sha)
 
 
+def token_lines(m: Mounted, task: Task) -> str:
+    runtime = m.kernel.local(task.config.model)
+    return tokens.render(task, runtime.piece if runtime else None)
+
+
 # -- tasks/ ------------------------------------------------------------------------------
 
 TASK = Dir("ID", 0o755, "a task; rm -r tasks/ID kills it if it runs and removes it", owner=Owner.TASK,
@@ -76,7 +81,8 @@ TASK = Dir("ID", 0o755, "a task; rm -r tasks/ID kills it if it runs and removes 
          "counters, one \"key value\" per line", owner=Owner.TASK, render=task_text(status),
          remove=goes_with_its_owner),
     File("config", 0o644, "parameters, \"key value\" lines: model max_tokens temperature "
-         "top_k top_p seed stop priority chat format deadline; writable until the task "
+         "top_k top_p seed stop priority chat format deadline min_p repeat_penalty "
+         "repeat_last_n presence_penalty frequency_penalty logprobs; writable until the task "
          "starts; applied at close, all or nothing; > resets the rest, >> adds", owner=Owner.TASK, edit=True,
          render=task_text(lambda m, t: t.config.render()), write=writes.write_config,
          apply=lambda m, t, text, reset: m.kernel.configure(t, text, reset),
@@ -105,6 +111,10 @@ TASK = Dir("ID", 0o755, "a task; rm -r tasks/ID kills it if it runs and removes 
          render=task_text(lambda m, t: m.kernel.error_text(t)), remove=goes_with_its_owner),
     File("timeline", 0o444, "what happened to the task, with times since it was submitted",
          owner=Owner.TASK, render=task_text(timeline), remove=goes_with_its_owner),
+    File("tokens", 0o444, "a line a generated token, tab-separated: index, id, (with config "
+         "logprobs N) its log-probability, the entropy it was drawn with and the N likeliest "
+         "id:logprob, then its text escaped", owner=Owner.TASK, render=task_text(token_lines),
+         remove=goes_with_its_owner),
     Link("parent", 0o777, "(a fork's) symlink to the task it continues", owner=Owner.TASK,
          shown=lambda m, node, uid: bool(m.kernel.get(node.name).parent),
          target=lambda m, node, uid: f"../{m.kernel.get(node.name).parent}",

@@ -14,6 +14,7 @@ from axfs.remote import RemoteRuntime
 from axfs.runtime import LocalRuntime
 from axfs.swap import SwapSpace
 from axfs.task import Task
+from axfs.tokens import stats as token_stats
 
 MIB = 1 << 20
 
@@ -55,6 +56,7 @@ def status(task: Task, cell_bytes: int) -> str:
         ("first_token_ms", _ms(task.submitted_at, task.first_token_at)),
         ("elapsed_ms", _ms(task.submitted_at, end)),
         ("decode_tokens_per_second", rate),
+        *token_stats(task),
     ]
     return "".join(f"{k} {v}\n" for k, v in rows)
 
