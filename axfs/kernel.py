@@ -394,6 +394,7 @@ class Kernel(ModelControl):
                 return task
             task.submit(text, [])
             task.model_sha = runtime.sha
+            task.deterministic = runtime.deterministic
             self._record(task)
         except AxfsError as e:  # not recorded: a failed task, gone after a restart
             task.finish(State.FAILED, "error", str(e))
@@ -441,6 +442,7 @@ class Kernel(ModelControl):
             task.follow_up = runtime.tokenize(added, bos=False, special=task.config.chat)
             task.submit(task.prompt, parent.context() + task.follow_up)
         task.model_sha = runtime.sha
+        task.deterministic = runtime.deterministic
         if durable:
             self._record(task)
         elif self.keeper is not None:
@@ -509,6 +511,7 @@ class Kernel(ModelControl):
             raise self.reject(task.uid, task, e) from e
         task.submit(text, tokens)
         task.model_sha = runtime.sha
+        task.deterministic = runtime.deterministic
         try:
             if self.keeper is not None:
                 await self.keeper.submitted_off_thread(task)
@@ -534,6 +537,7 @@ class Kernel(ModelControl):
         """Hand a journaled submission to its model."""
         tokens = task.prompt_tokens
         task.model_sha = runtime.sha
+        task.deterministic = runtime.deterministic
         self.trace.emit("submit", task.id, task.uid, prompt_tokens=len(tokens),
                         max_tokens=task.config.max_tokens, model=task.config.model)
         task.mark("submit", prompt_tokens=len(tokens), max_tokens=task.config.max_tokens)
@@ -673,6 +677,7 @@ class Kernel(ModelControl):
                 break
             task.add_token(token, runtime.piece(token), runtime.is_eog(token),
                            limit_reached=False)
+        task.deterministic = task.deterministic and runtime.deterministic
         self.trace.emit("resume", task.id, task.uid, tokens=len(generated))
         if task.finished:
             runtime.end(task, task.state, task.finish_reason)

@@ -286,6 +286,7 @@ class Keeper:
 
         def again(runtime: Runtime) -> None:
             task.model_sha = runtime.sha
+            task.deterministic = runtime.deterministic
             task.prompt_tokens = runtime.tokenize(task.text_for_model, special=task.config.chat)
             self.journal.append(task_record(task, task.model_sha))
             kernel.resume(task, [])

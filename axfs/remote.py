@@ -31,6 +31,7 @@ MAX_INFLIGHT = 256  # requests in flight per model (each is one open connection)
 class RemoteRuntime:
     seq_limit: int | None = None
     sha = ""
+    deterministic = False  # the remote engine's batching is not ours to pin down
 
     def __init__(self, name: str, endpoints: list[str], trace: Trace, retry_s: float = 30.0,
                  max_inflight: int = MAX_INFLIGHT) -> None:

@@ -4,10 +4,12 @@ Writing ``run`` to ``replay/ID/ctl`` queues a hidden copy of the finished task I
 same prompt tokens, parameters and seed, on the model file it ran on (checked by
 sha256). The copy runs *alone* (no other sequence in its steps) and computes its whole
 prompt (no prefix copied from another sequence), and ``replay/ID/result`` then reads
-``match`` or where the first token differs. Why alone: llama.cpp's batched matrix
-products do not give bit-identical logits for a sequence decoded alone and inside a
-batch (README, Replay), so a task that ran in batches can replay differently, and the
-result says so (see README, "Replay").
+``match`` or where the first token differs. A task that ran in deterministic mode
+(drivers.determinism) has the same tokens whatever shared its steps, so its replay
+matches; otherwise llama.cpp's batched steps do not give bit-identical logits for a
+sequence decoded alone and inside a batch, so a task that ran in batches can replay
+differently, and the result says so (notes/determinism.md). A replay runs in the mode
+its task ran in: a task of the other mode is a mismatch, as a changed model file is.
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ class Replays:
                              f"{task.model_sha}, the mounted one has {runtime.sha}\n")
             k.trace.emit("replay", task.id, task.uid, result="mismatch", why="model")
             return
+        if task.deterministic != runtime.deterministic:
+            replay.result = (f"mismatch mode: task {task.id} ran {_mode(task.deterministic)}, "
+                             f"model {task.config.model} is now loaded "
+                             f"{_mode(runtime.deterministic)} (see its info)\n")
+            k.trace.emit("replay", task.id, task.uid, result="mismatch", why="mode")
+            return
         config = task.config.copy()
         if task.finish_reason not in ("eos", "stop", "length", "context"):
             config.max_tokens = max(1, task.num_generated)  # killed or failed: as far as it got
@@ -110,16 +118,23 @@ class Replays:
 
     @staticmethod
     def _batched(task: Task) -> str:
+        if task.deterministic:
+            return " (the task ran in deterministic mode: see notes/determinism.md)"
         most = max((d.get("batch_max", 1) for _, kind, d in task.timeline
                     if kind in ("prefill", "decode")), default=1)
         return f" (the task ran in batches of up to {most} sequences; the replay ran alone)" \
             if most > 1 else ""
 
 
+def _mode(deterministic: bool) -> str:
+    return "in deterministic mode" if deterministic else "not in deterministic mode"
+
+
 def timeline(task: Task, model_sha: str) -> str:
     """The text of replay/ID/timeline."""
     head = [f"task {task.id}", f"uid {task.uid}", f"model_sha256 {task.model_sha or model_sha}",
             f"prompt_tokens {len(task.prompt_tokens)}", f"generated_tokens {task.num_generated}",
+            f"deterministic {'yes' if task.deterministic else 'no'}",
             f"state {task.state.value}", ""]
     rows = []
     for at, kind, d in task.timeline:

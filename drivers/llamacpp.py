@@ -18,7 +18,7 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
-from drivers import gguf
+from drivers import determinism, gguf
 from drivers.base import (
     ContextShape,
     DriverError,
@@ -132,11 +132,14 @@ class LlamaCppDriver:
         n_threads: int | None = None,
         repack: bool | None = None,
         gpu_layers: int | None = None,
+        deterministic: bool = False,
     ) -> None:
         """``gpu_layers``: layers to offload to the GPU (llama.cpp's ``n_gpu_layers``;
         the layer count + 1 or more, or a negative number, puts all of it there); None
         chooses: 0 without a GPU or a llama.cpp built for one, else as many as fit in
-        the first GPU's free memory with this context's KV (``plan_gpu_layers``)."""
+        the first GPU's free memory with this context's KV (``plan_gpu_layers``).
+        ``deterministic``: batch-invariant decoding where it can be had (drivers.determinism;
+        ``mode`` says whether it is and why)."""
         path = Path(path).resolve()
         check_gguf(path)
         _init_backend()
@@ -148,6 +151,12 @@ class LlamaCppDriver:
         self.repack = not cpu_has_amx() if repack is None else repack
         mparams.use_extra_bufts = self.repack
         mparams.n_gpu_layers = n_gpu_layers
+        self.mode = determinism.choose(deterministic, n_gpu_layers != 0)
+        cparams = lc.llama_context_default_params()
+        if self.mode.deterministic:
+            determinism.apply(mparams, cparams)
+            self.repack = False
+        self._holes = False  # cells were freed since the last compaction (deterministic mode)
         _recent_log.clear()
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
@@ -159,7 +168,6 @@ class LlamaCppDriver:
         self._model = model
         self._vocab = lc.llama_model_get_vocab(model)
         threads = n_threads or os.cpu_count() or 1
-        cparams = lc.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
@@ -203,7 +211,9 @@ class LlamaCppDriver:
             context_length=lc.llama_model_n_ctx_train(model),
             vocab_size=lc.llama_vocab_n_tokens(self._vocab),
             device=self._device(gpu, offloaded, n_layer, threads),
-            extra={"file_bytes": str(path.stat().st_size), "gpu_layers": str(offloaded)},
+            extra={"file_bytes": str(path.stat().st_size), "gpu_layers": str(offloaded),
+                   "deterministic": self.mode.line()},
+            deterministic=self.mode.deterministic,
         )
         log.info("loaded %s: %s, context %s", path, self.info.description, self.shape)
 
@@ -264,7 +274,8 @@ class LlamaCppDriver:
         return buf.value.decode("utf-8", "replace")
 
     def _cell_bytes(self) -> int:
-        """Bytes of KV one cell takes across all layers, assuming f16 K and V."""
+        """Bytes of KV one cell takes across all layers (K and V in f16, or in Q8_0 in
+        deterministic mode)."""
         n_layer = lc.llama_model_n_layer(self._model)
         n_head = max(1, lc.llama_model_n_head(self._model))
         n_head_kv = lc.llama_model_n_head_kv(self._model)
@@ -273,7 +284,8 @@ class LlamaCppDriver:
         head_v = int(self._meta(f"{arch}.attention.value_length") or 0)
         if not head_k:
             head_k = head_v = lc.llama_model_n_embd(self._model) // n_head
-        return int(n_layer * n_head_kv * (head_k + head_v) * 2)
+        per_value = determinism.KV_BYTES_PER_VALUE if self.mode.deterministic else 2
+        return int(n_layer * n_head_kv * (head_k + head_v) * per_value)
 
     # -- vocabulary ----------------------------------------------------------------
 
@@ -341,6 +353,7 @@ class LlamaCppDriver:
 
     def close_seq(self, seq: int) -> None:
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._holes = True
         self._drop_sampler(seq)
 
     def copy_seq(self, src: int, dst: int, n: int) -> None:
@@ -350,6 +363,7 @@ class LlamaCppDriver:
     def trim_seq(self, seq: int, n: int) -> None:
         if not lc.llama_memory_seq_rm(self._mem, seq, n, -1):
             raise DriverError(f"llama.cpp could not trim sequence {seq} to {n} cells")
+        self._holes = True
 
     def seq_cells(self, seq: int) -> int:
         last = lc.llama_memory_seq_pos_max(self._mem, seq)
@@ -366,6 +380,7 @@ class LlamaCppDriver:
         sampler: object = "greedy" if seq in self._greedy else self._samplers.pop(seq)
         self._greedy.discard(seq)
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._holes = True
         return SeqState(sampler=sampler, kv=kv, kv_bytes=size)
 
     def restore_seq(self, seq: int, state: SeqState) -> None:
@@ -377,6 +392,7 @@ class LlamaCppDriver:
             if not isinstance(kv, ctypes.Array):
                 raise DriverError("saved state is not from this driver")
             lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            self._keep_order()
             if lc.llama_state_seq_set_data(self._ctx, kv, state.kv_bytes, seq) == 0:
                 raise DriverError(f"llama.cpp could not restore a sequence into slot {seq}")
         if state.sampler == "greedy":
@@ -408,6 +424,8 @@ class LlamaCppDriver:
             if p.sample and p.tokens:
                 wanted.append((p.seq, i - 1))
         b.n_tokens = total
+        self._keep_order()
+        determinism.decoding()
         rc = lc.llama_decode(self._ctx, b)
         if rc == 2:
             raise StepAborted("the step was aborted")
@@ -416,6 +434,13 @@ class LlamaCppDriver:
         if rc != 0:
             raise DriverError(f"llama_decode failed with code {rc}")
         return {seq: self._sample(seq, idx) for seq, idx in wanted}
+
+    def _keep_order(self) -> None:
+        """In deterministic mode, before cells are placed: close the holes freed cells
+        left, so that the new cells go after every used one (drivers.determinism)."""
+        if self._holes and self.mode.deterministic:
+            determinism.compact(self._ctx)
+        self._holes = False
 
     def abort(self, stop: bool = True) -> None:
         self._abort[0] = b"\1" if stop else b"\0"
