@@ -7,7 +7,7 @@ on where its KV cells sit, unless all of these hold:
   rest one by one, which round differently;
 - flash attention on: its plain path walks a query's cells in cell order and skips the
   masked ones, so other sequences' cells do not enter the sum;
-- the KV cache in Q8_0: with f16 KV, flash attention takes a split-KV path for one-token
+- the KV cache in Q8_0 or BF16: with f16 KV, flash attention takes a split-KV path for one-token
   steps over 512+ cells and a tiled path for steps of 64+ query rows, both placement
   dependent;
 - ``GGML_CPU_TILED_MM=0`` before the process's first decode: otherwise steps of 8+
@@ -21,18 +21,30 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import llama_cpp as lc
 
-from drivers.base import DriverError
+from drivers.base import DriverError, Piece, Sampling
 
 TILED_ENV = "GGML_CPU_TILED_MM"
-KV_TYPE = lc.GGML_TYPE_Q8_0
-KV_TYPE_NAME = "q8_0"
-KV_BYTES_PER_VALUE = 34 / 32  # a Q8_0 block: 32 int8 and an f16 scale
+GGML_TYPE_BF16 = 30  # ggml.h's; llama-cpp-python does not export it
 
 _decoded = False  # whether this process ran a decode (llama.cpp reads TILED_ENV once, then)
+
+
+@dataclass(slots=True, frozen=True)
+class KVType:
+    ggml: int
+    name: str
+    bytes_per_value: float
+
+
+# Q8_0 halves the KV's memory; its blocks of 32 need heads of a multiple of 32 values
+# (BF16 works for any head, at f16's size).
+Q8_0 = KVType(lc.GGML_TYPE_Q8_0, "q8_0", 34 / 32)
+BF16 = KVType(GGML_TYPE_BF16, "bf16", 2.0)
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,14 +53,23 @@ class Mode:
 
     deterministic: bool
     reason: str
+    kv: KVType | None = None  # the KV cache's type in deterministic mode
 
     def line(self) -> str:
         return f"{'yes' if self.deterministic else 'no'} ({self.reason})"
 
+    def checked(self, same: bool) -> Mode:
+        """This mode after ``probe`` said whether a probe's logits came out the same."""
+        if same:
+            return replace(self, reason=self.reason + "; checked at load: a probe's logits "
+                           "are bit-identical alone and in batches")
+        return Mode(False, "checked at load: a probe's logits differ alone and in a batch "
+                    "with these settings, on this CPU and llama.cpp build", self.kv)
 
-def choose(asked: bool, on_gpu: bool) -> Mode:
-    """The mode a model gets: ``asked`` is the mount's or the model's setting. Call before
-    the model's context is made; ``apply`` then sets it up."""
+
+def choose(asked: bool, on_gpu: bool, mparams: lc.llama_model_params) -> Mode:
+    """The mode a model gets (``asked``: the mount's setting), with its model parameters
+    set for it. ``context`` then sets the context's."""
     if not asked:
         return Mode(False, "off by setting: batched steps may change a task's last bits")
     if on_gpu:
@@ -56,16 +77,20 @@ def choose(asked: bool, on_gpu: bool) -> Mode:
     if _decoded and os.environ.get(TILED_ENV) != "0":
         return Mode(False, f"another model decoded in this process before {TILED_ENV}=0 was set")
     os.environ[TILED_ENV] = "0"
-    return Mode(True, f"cpu: weights not repacked, flash attention, KV {KV_TYPE_NAME}, "
-                      f"{TILED_ENV}=0, cells kept in position order")
-
-
-def apply(mparams: lc.llama_model_params, cparams: lc.llama_context_params) -> None:
-    """Set llama.cpp's model and context parameters for a deterministic model."""
     mparams.use_extra_bufts = False
+    return Mode(True, "")
+
+
+def context(mode: Mode, cparams: lc.llama_context_params, head_k: int, head_v: int) -> Mode:
+    """Set a deterministic model's context parameters; the mode, with its KV type."""
+    if not mode.deterministic:
+        return mode
+    kv = Q8_0 if head_k % 32 == 0 and head_v % 32 == 0 else BF16
     cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    cparams.type_k = KV_TYPE
-    cparams.type_v = KV_TYPE
+    cparams.type_k = kv.ggml
+    cparams.type_v = kv.ggml
+    return Mode(True, f"cpu: weights not repacked, flash attention, KV {kv.name}, "
+                      f"{TILED_ENV}=0, cells kept in position order", kv)
 
 
 def decoding() -> None:
@@ -84,3 +109,42 @@ def compact(ctx: lc.llama_context_p) -> None:
         raise DriverError("llama.cpp could not save the KV cache to compact it")
     if lc.llama_state_seq_set_data(ctx, buf, size, -1) == 0:
         raise DriverError("llama.cpp could not restore the compacted KV cache")
+
+
+class Probed(Protocol):
+    """What ``probe`` needs of a driver."""
+
+    def open_seq(self, seq: int, sampling: Sampling) -> None: ...
+
+    def close_seq(self, seq: int) -> None: ...
+
+    def step(self, pieces: list[Piece]) -> dict[int, int]: ...
+
+    def logits(self, index: int) -> bytes: ...
+
+
+def probe(driver: Probed, prompt: list[int], other: list[int]) -> bool:
+    """Whether ``prompt`` gets the same logits, bit for bit, decoded alone and in batches
+    with ``other`` (placed first, then decoding beside it), for its prefill and its next
+    token. Sequences 0 to 2 are used and cleared."""
+    def run(steps: list[list[Piece]]) -> list[bytes]:
+        seen = []
+        for seq in range(3):
+            driver.open_seq(seq, Sampling())
+        for pieces in steps:
+            driver.step(pieces)
+            end = -1
+            for p in pieces:
+                end += len(p.tokens)
+                if p.seq == 0:
+                    seen.append(driver.logits(end))
+        for seq in range(3):
+            driver.close_seq(seq)
+        return seen
+
+    n, token = len(prompt), prompt[-1]
+    alone = run([[Piece(0, prompt, 0, True)], [Piece(0, [token], n, True)]])
+    batched = run([[Piece(1, other, 0, True), Piece(0, prompt, 0, True)],
+                   [Piece(1, [token], len(other), True), Piece(0, [token], n, True),
+                    Piece(2, other + prompt, 0, True)]])
+    return alone == batched

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
+# Texts decoded at load to check deterministic mode (drivers.determinism.probe)
+PROBE = ("The quick brown fox jumps over the lazy dog while the cat watches.",
+         "Once upon a time")
 _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 
 # llama.cpp logs through one process-wide callback; the last lines are kept so that a
@@ -151,11 +154,8 @@ class LlamaCppDriver:
         self.repack = not cpu_has_amx() if repack is None else repack
         mparams.use_extra_bufts = self.repack
         mparams.n_gpu_layers = n_gpu_layers
-        self.mode = determinism.choose(deterministic, n_gpu_layers != 0)
-        cparams = lc.llama_context_default_params()
-        if self.mode.deterministic:
-            determinism.apply(mparams, cparams)
-            self.repack = False
+        mode = determinism.choose(deterministic, n_gpu_layers != 0, mparams)
+        self.repack = self.repack and not mode.deterministic
         self._holes = False  # cells were freed since the last compaction (deterministic mode)
         _recent_log.clear()
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
@@ -168,6 +168,8 @@ class LlamaCppDriver:
         self._model = model
         self._vocab = lc.llama_model_get_vocab(model)
         threads = n_threads or os.cpu_count() or 1
+        cparams = lc.llama_context_default_params()
+        self.mode = determinism.context(mode, cparams, *self._head_dims())
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
@@ -211,10 +213,13 @@ class LlamaCppDriver:
             context_length=lc.llama_model_n_ctx_train(model),
             vocab_size=lc.llama_vocab_n_tokens(self._vocab),
             device=self._device(gpu, offloaded, n_layer, threads),
-            extra={"file_bytes": str(path.stat().st_size), "gpu_layers": str(offloaded),
-                   "deterministic": self.mode.line()},
-            deterministic=self.mode.deterministic,
+            extra={"file_bytes": str(path.stat().st_size), "gpu_layers": str(offloaded)},
         )
+        if self.mode.deterministic:
+            self.mode = self.mode.checked(determinism.probe(
+                self, self.tokenize(PROBE[0]), self.tokenize(PROBE[1])))
+        self.info.extra["deterministic"] = self.mode.line()
+        self.info.deterministic = self.mode.deterministic
         log.info("loaded %s: %s, context %s", path, self.info.description, self.shape)
 
     # -- where it runs ------------------------------------------------------------------
@@ -273,19 +278,23 @@ class LlamaCppDriver:
         lc.llama_model_desc(self._model, buf, len(buf))
         return buf.value.decode("utf-8", "replace")
 
-    def _cell_bytes(self) -> int:
-        """Bytes of KV one cell takes across all layers (K and V in f16, or in Q8_0 in
-        deterministic mode)."""
-        n_layer = lc.llama_model_n_layer(self._model)
-        n_head = max(1, lc.llama_model_n_head(self._model))
-        n_head_kv = lc.llama_model_n_head_kv(self._model)
+    def _head_dims(self) -> tuple[int, int]:
+        """Values per head in K and in V."""
         arch = self._meta("general.architecture") or ""
         head_k = int(self._meta(f"{arch}.attention.key_length") or 0)
         head_v = int(self._meta(f"{arch}.attention.value_length") or 0)
         if not head_k:
+            n_head = max(1, lc.llama_model_n_head(self._model))
             head_k = head_v = lc.llama_model_n_embd(self._model) // n_head
-        per_value = determinism.KV_BYTES_PER_VALUE if self.mode.deterministic else 2
-        return int(n_layer * n_head_kv * (head_k + head_v) * per_value)
+        return head_k, head_v
+
+    def _cell_bytes(self) -> int:
+        """Bytes of KV one cell takes across all layers (K and V in f16, or in the
+        deterministic mode's type)."""
+        n_layer = lc.llama_model_n_layer(self._model)
+        n_head_kv = lc.llama_model_n_head_kv(self._model)
+        per_value = self.mode.kv.bytes_per_value if self.mode.kv else 2
+        return int(n_layer * n_head_kv * sum(self._head_dims()) * per_value)
 
     # -- vocabulary ----------------------------------------------------------------
 
@@ -444,6 +453,11 @@ class LlamaCppDriver:
 
     def abort(self, stop: bool = True) -> None:
         self._abort[0] = b"\1" if stop else b"\0"
+
+    def logits(self, index: int) -> bytes:
+        """The last step's logits for its token ``index`` (one that asked for a sample)."""
+        return ctypes.string_at(lc.llama_get_logits_ith(self._ctx, index),
+                                4 * lc.llama_vocab_n_tokens(self._vocab))
 
     def _sample(self, seq: int, idx: int) -> int:
         if seq in self._greedy:
