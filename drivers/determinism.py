@@ -15,6 +15,10 @@ on where its KV cells sit, unless all of these hold:
 - each sequence's cells in position order in the cache, since the plain path's online
   softmax sums them in cell order: ``compact`` packs the used cells to the cache's start
   (order kept) whenever cells were freed, so new cells always go after every used one.
+  llama.cpp also gives a new cell one that sliding-window attention masks for the one
+  sequence holding it (Gemma 3: 512 positions back), which a search from the cache's
+  start (as after a compaction) would find below used ones: ``compact`` adds every cell
+  to one more sequence, the *pin*, which makes none of them reusable so.
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ def context(mode: Mode, cparams: lc.llama_context_params, head_k: int, head_v: i
         return mode
     kv = Q8_0 if head_k % 32 == 0 and head_v % 32 == 0 else BF16
     cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    cparams.swa_full = True  # pinned cells stay: a window cache as big as the whole one
+    cparams.n_seq_max += 1  # the pin (``compact``)
     cparams.type_k = kv.ggml
     cparams.type_v = kv.ggml
     return Mode(True, f"cpu: weights not repacked, flash attention, KV {kv.name}, "
@@ -99,16 +105,21 @@ def decoding() -> None:
     _decoded = True
 
 
-def compact(ctx: lc.llama_context_p) -> None:
+def compact(ctx: lc.llama_context_p, pin: int) -> None:
     """Pack every used cell of ``ctx``'s KV cache to the cache's start, in the order they
-    are in, shared cells still shared: llama.cpp's whole-cache save and restore does
-    exactly that (``seq_id`` -1)."""
+    are in, shared cells still shared (llama.cpp's whole-cache save and restore does
+    exactly that, ``seq_id`` -1), and pin them: add them to sequence ``pin`` (the one past
+    the driver's), which held the cells used at the last compaction."""
+    mem = lc.llama_get_memory(ctx)
+    lc.llama_memory_seq_rm(mem, pin, -1, -1)  # the cells only it held come free
     size = lc.llama_state_seq_get_size(ctx, -1)
     buf = (ctypes.c_uint8 * size)()
     if lc.llama_state_seq_get_data(ctx, buf, size, -1) != size:
         raise DriverError("llama.cpp could not save the KV cache to compact it")
     if lc.llama_state_seq_set_data(ctx, buf, size, -1) == 0:
         raise DriverError("llama.cpp could not restore the compacted KV cache")
+    for seq in range(pin):
+        lc.llama_memory_seq_cp(mem, seq, pin, -1, -1)
 
 
 class Probed(Protocol):

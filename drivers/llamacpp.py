@@ -169,11 +169,11 @@ class LlamaCppDriver:
         self._vocab = lc.llama_model_get_vocab(model)
         threads = n_threads or os.cpu_count() or 1
         cparams = lc.llama_context_default_params()
-        self.mode = determinism.context(mode, cparams, *self._head_dims())
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_seq_max
+        self.mode = determinism.context(mode, cparams, *self._head_dims())
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.kv_unified = True
@@ -189,7 +189,7 @@ class LlamaCppDriver:
         self._mem = lc.llama_get_memory(ctx)
         self.shape = ContextShape(
             n_ctx=lc.llama_n_ctx(ctx),
-            n_seq_max=lc.llama_n_seq_max(ctx),
+            n_seq_max=lc.llama_n_seq_max(ctx) - (1 if self.mode.deterministic else 0),
             n_batch=lc.llama_n_batch(ctx),
             cell_bytes=self._cell_bytes(),
         )
@@ -448,7 +448,7 @@ class LlamaCppDriver:
         """In deterministic mode, before cells are placed: close the holes freed cells
         left, so that the new cells go after every used one (drivers.determinism)."""
         if self._holes and self.mode.deterministic:
-            determinism.compact(self._ctx)
+            determinism.compact(self._ctx, self.shape.n_seq_max)
         self._holes = False
 
     def abort(self, stop: bool = True) -> None:
