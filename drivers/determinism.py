@@ -13,12 +13,7 @@ on where its KV cells sit, unless all of these hold:
 - ``GGML_CPU_TILED_MM=0`` before the process's first decode: otherwise steps of 8+
   tokens use a tiled K-quant matmul that rounds differently from the one-row dot product;
 - each sequence's cells in position order in the cache, since the plain path's online
-  softmax sums them in cell order: ``compact`` packs the used cells to the cache's start
-  (order kept) whenever cells were freed, so new cells always go after every used one.
-  llama.cpp also gives a new cell one that sliding-window attention masks for the one
-  sequence holding it (Gemma 3: 512 positions back), which a search from the cache's
-  start (as after a compaction) would find below used ones: ``compact`` adds every cell
-  to one more sequence, the *pin*, which makes none of them reusable so.
+  softmax sums them in cell order (``Placement``).
 """
 
 from __future__ import annotations
@@ -92,7 +87,7 @@ def context(mode: Mode, cparams: lc.llama_context_params, head_k: int, head_v: i
     kv = Q8_0 if head_k % 32 == 0 and head_v % 32 == 0 else BF16
     cparams.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
     cparams.swa_full = True  # pinned cells stay: a window cache as big as the whole one
-    cparams.n_seq_max += 1  # the pin (``compact``)
+    cparams.n_seq_max += 1  # the pin (``Placement``)
     cparams.type_k = kv.ggml
     cparams.type_v = kv.ggml
     return Mode(True, f"cpu: weights not repacked, flash attention, KV {kv.name}, "
@@ -105,21 +100,64 @@ def decoding() -> None:
     _decoded = True
 
 
-def compact(ctx: lc.llama_context_p, pin: int) -> None:
-    """Pack every used cell of ``ctx``'s KV cache to the cache's start, in the order they
-    are in, shared cells still shared (llama.cpp's whole-cache save and restore does
-    exactly that, ``seq_id`` -1), and pin them: add them to sequence ``pin`` (the one past
-    the driver's), which held the cells used at the last compaction."""
-    mem = lc.llama_get_memory(ctx)
-    lc.llama_memory_seq_rm(mem, pin, -1, -1)  # the cells only it held come free
-    size = lc.llama_state_seq_get_size(ctx, -1)
-    buf = (ctypes.c_uint8 * size)()
-    if lc.llama_state_seq_get_data(ctx, buf, size, -1) != size:
-        raise DriverError("llama.cpp could not save the KV cache to compact it")
-    if lc.llama_state_seq_set_data(ctx, buf, size, -1) == 0:
-        raise DriverError("llama.cpp could not restore the compacted KV cache")
-    for seq in range(pin):
-        lc.llama_memory_seq_cp(mem, seq, pin, -1, -1)
+class Placement:
+    """Keeps a deterministic context's cells in position order.
+
+    llama.cpp puts a step's new cells in the first free ones from where the last step
+    stopped, or from the cache's start when there are holes before that; so a hole left
+    by a dropped sequence could take a running sequence's next token *below* its earlier
+    ones. Here no cell is ever freed between compactions: the cells a sequence drops are
+    first added to one more sequence, the *pin* (the one past the driver's), so every used
+    cell stays below ``top`` and each new one goes at ``top``. When the cache has no room
+    at ``top`` or half of what is below it is dropped cells, ``compact`` frees the pinned
+    ones and packs the rest to the cache's start, order kept. It pins those too: llama.cpp
+    also reuses a cell that sliding-window attention masks for the one sequence holding it
+    (Gemma 3: 512 positions back), which the search from the start after a compaction
+    would find below used ones; a cell held by two sequences is never reused so.
+    """
+
+    def __init__(self, ctx: lc.llama_context_p, n_ctx: int, pin: int) -> None:
+        self._ctx = ctx
+        self._mem = lc.llama_get_memory(ctx)
+        self._n_ctx = n_ctx
+        self._pin = pin
+        self.top = 0  # cells placed since the last compaction and live at it, all below
+        self.dropped = 0  # cells dropped since, at most (shared ones may count twice)
+
+    def drop(self, seq: int, first: int = 0) -> None:
+        """Before the driver removes ``seq``'s cells from position ``first`` on."""
+        last = lc.llama_memory_seq_pos_max(self._mem, seq)
+        start = max(first, lc.llama_memory_seq_pos_min(self._mem, seq))
+        if last >= start:
+            lc.llama_memory_seq_cp(self._mem, seq, self._pin, first, -1)
+            self.dropped += last - start + 1
+
+    def room(self, n: int) -> None:
+        """Before ``n`` cells (at most) are placed."""
+        if self.top + n > self._n_ctx or self.dropped > self.top // 2:
+            self.compact()
+
+    def placed(self, n: int) -> None:
+        self.top += n
+
+    def compact(self) -> None:
+        """Pack every used cell to the cache's start, in the order they are in, shared
+        cells still shared (llama.cpp's whole-cache save and restore does exactly that,
+        ``seq_id`` -1), and pin them."""
+        lc.llama_memory_seq_rm(self._mem, self._pin, -1, -1)  # dropped cells come free
+        size = lc.llama_state_seq_get_size(self._ctx, -1)
+        buf = (ctypes.c_uint8 * size)()
+        if lc.llama_state_seq_get_data(self._ctx, buf, size, -1) != size:
+            raise DriverError("llama.cpp could not save the KV cache to compact it")
+        if lc.llama_state_seq_set_data(self._ctx, buf, size, -1) == 0:
+            raise DriverError("llama.cpp could not restore the compacted KV cache")
+        for seq in range(self._pin):
+            lc.llama_memory_seq_cp(self._mem, seq, self._pin, -1, -1)
+        # The state begins with the first cache's stream count (1: one unified stream) and
+        # its stream's cell count: the cells live now, packed at the start.
+        streams, cells = int.from_bytes(bytes(buf[0:4]), "little"), bytes(buf[4:8])
+        self.top = int.from_bytes(cells, "little") if streams == 1 else self._n_ctx
+        self.dropped = 0
 
 
 class Probed(Protocol):

@@ -34,10 +34,10 @@ from drivers.devices import free_gpu_memory, gpus, plan_gpu_layers
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
-# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
 # Texts decoded at load to check deterministic mode (drivers.determinism.probe)
 PROBE = ("The quick brown fox jumps over the lazy dog while the cat watches.",
          "Once upon a time")
+# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
 _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 
 # llama.cpp logs through one process-wide callback; the last lines are kept so that a
@@ -156,7 +156,6 @@ class LlamaCppDriver:
         mparams.n_gpu_layers = n_gpu_layers
         mode = determinism.choose(deterministic, n_gpu_layers != 0, mparams)
         self.repack = self.repack and not mode.deterministic
-        self._holes = False  # cells were freed since the last compaction (deterministic mode)
         _recent_log.clear()
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
@@ -187,6 +186,7 @@ class LlamaCppDriver:
             raise ModelLoadError(f"llama.cpp could not create a context for {path}")
         self._ctx = ctx
         self._mem = lc.llama_get_memory(ctx)
+        self._order: determinism.Placement | None = None
         self.shape = ContextShape(
             n_ctx=lc.llama_n_ctx(ctx),
             n_seq_max=lc.llama_n_seq_max(ctx) - (1 if self.mode.deterministic else 0),
@@ -194,6 +194,8 @@ class LlamaCppDriver:
             cell_bytes=self._cell_bytes(),
         )
         self._batch = lc.llama_batch_init(self.shape.n_batch, 0, 1)
+        if self.mode.deterministic:
+            self._order = determinism.Placement(ctx, self.shape.n_ctx, self.shape.n_seq_max)
         self._samplers: dict[int, ctypes.c_void_p] = {}
         self._greedy: set[int] = set()  # sequences sampled by argmax of the logits
         self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
@@ -361,8 +363,8 @@ class LlamaCppDriver:
             lc.llama_sampler_free(chain)
 
     def close_seq(self, seq: int) -> None:
+        self._drop(seq)
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        self._holes = True
         self._drop_sampler(seq)
 
     def copy_seq(self, src: int, dst: int, n: int) -> None:
@@ -370,9 +372,9 @@ class LlamaCppDriver:
         lc.llama_memory_seq_cp(self._mem, src, dst, 0, n)
 
     def trim_seq(self, seq: int, n: int) -> None:
+        self._drop(seq, n)
         if not lc.llama_memory_seq_rm(self._mem, seq, n, -1):
             raise DriverError(f"llama.cpp could not trim sequence {seq} to {n} cells")
-        self._holes = True
 
     def seq_cells(self, seq: int) -> int:
         last = lc.llama_memory_seq_pos_max(self._mem, seq)
@@ -388,8 +390,8 @@ class LlamaCppDriver:
                 raise DriverError(f"llama.cpp could not save sequence {seq}")
         sampler: object = "greedy" if seq in self._greedy else self._samplers.pop(seq)
         self._greedy.discard(seq)
+        self._drop(seq)
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        self._holes = True
         return SeqState(sampler=sampler, kv=kv, kv_bytes=size)
 
     def restore_seq(self, seq: int, state: SeqState) -> None:
@@ -400,10 +402,14 @@ class LlamaCppDriver:
                 kv = (ctypes.c_uint8 * len(kv)).from_buffer(kv)
             if not isinstance(kv, ctypes.Array):
                 raise DriverError("saved state is not from this driver")
+            self._drop(seq)
             lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
-            self._keep_order()
+            if self._order is not None:  # the state holds fewer cells than this
+                self._order.room(state.kv_bytes // max(1, self.shape.cell_bytes) + 1)
             if lc.llama_state_seq_set_data(self._ctx, kv, state.kv_bytes, seq) == 0:
                 raise DriverError(f"llama.cpp could not restore a sequence into slot {seq}")
+            if self._order is not None:
+                self._order.placed(self.seq_cells(seq))
         if state.sampler == "greedy":
             self._greedy.add(seq)
         else:
@@ -433,7 +439,8 @@ class LlamaCppDriver:
             if p.sample and p.tokens:
                 wanted.append((p.seq, i - 1))
         b.n_tokens = total
-        self._keep_order()
+        if self._order is not None:
+            self._order.room(total)
         determinism.decoding()
         rc = lc.llama_decode(self._ctx, b)
         if rc == 2:
@@ -442,14 +449,15 @@ class LlamaCppDriver:
             raise DriverError("the KV cache has no room for this step")
         if rc != 0:
             raise DriverError(f"llama_decode failed with code {rc}")
+        if self._order is not None:
+            self._order.placed(total)
         return {seq: self._sample(seq, idx) for seq, idx in wanted}
 
-    def _keep_order(self) -> None:
-        """In deterministic mode, before cells are placed: close the holes freed cells
-        left, so that the new cells go after every used one (drivers.determinism)."""
-        if self._holes and self.mode.deterministic:
-            determinism.compact(self._ctx, self.shape.n_seq_max)
-        self._holes = False
+    def _drop(self, seq: int, first: int = 0) -> None:
+        """Before ``seq``'s cells from ``first`` on are removed (deterministic mode:
+        drivers.determinism.Placement)."""
+        if self._order is not None:
+            self._order.drop(seq, first)
 
     def abort(self, stop: bool = True) -> None:
         self._abort[0] = b"\1" if stop else b"\0"

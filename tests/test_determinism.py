@@ -30,9 +30,11 @@ def test_a_cpu_model_gets_the_settings_and_a_gpu_model_says_no(monkeypatch: pyte
     mode = determinism.choose(True, on_gpu=False, mparams=mparams)
     assert mode.deterministic and not mparams.use_extra_bufts
     assert determinism.os.environ[determinism.TILED_ENV] == "0"
+    slots = cparams.n_seq_max
     gemma = determinism.context(mode, cparams, 256, 256)
     assert gemma.kv is determinism.Q8_0 and cparams.type_k == cparams.type_v == lc.GGML_TYPE_Q8_0
     assert cparams.flash_attn_type == lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    assert cparams.n_seq_max == slots + 1 and cparams.swa_full  # the pin (Placement)
     assert "KV q8_0" in gemma.line() and gemma.line().startswith("yes (cpu: ")
     assert determinism.context(mode, cparams, 16, 16).kv is determinism.BF16  # heads of 16
     failed = gemma.checked(False)
