@@ -217,7 +217,7 @@ class LlamaCppDriver:
             device=self._device(gpu, offloaded, n_layer, threads),
             extra={"file_bytes": str(path.stat().st_size), "gpu_layers": str(offloaded)},
         )
-        if self.mode.deterministic:
+        if self.mode.deterministic and self.shape.n_seq_max > 1:  # one slot: never batched
             self.mode = self.mode.checked(determinism.probe(
                 self, self.tokenize(PROBE[0]), self.tokenize(PROBE[1])))
         self.info.extra["deterministic"] = self.mode.line()
