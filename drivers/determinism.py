@@ -63,7 +63,8 @@ class Mode:
             return replace(self, reason=self.reason + "; checked at load: a probe's logits "
                            "are bit-identical alone and in batches")
         return Mode(False, "checked at load: a probe's logits differ alone and in a batch "
-                    "with these settings, on this CPU and llama.cpp build", self.kv)
+                    "with these settings, on this CPU and llama.cpp build; it runs with "
+                    "llama.cpp's default context settings")
 
 
 def choose(asked: bool, on_gpu: bool, mparams: lc.llama_model_params) -> Mode:

@@ -167,35 +167,20 @@ class LlamaCppDriver:
         self._model = model
         self._vocab = lc.llama_model_get_vocab(model)
         threads = n_threads or os.cpu_count() or 1
-        cparams = lc.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch
-        cparams.n_seq_max = n_seq_max
-        self.mode = determinism.context(mode, cparams, *self._head_dims())
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.kv_unified = True
-        cparams.no_perf = True
         self._abort, self._abort_cb = _abort_flag()
-        cparams.abort_callback = self._abort_cb
-        cparams.abort_callback_data = ctypes.cast(self._abort, ctypes.c_void_p)
-        ctx = lc.llama_init_from_model(model, cparams)
-        if not ctx:
-            lc.llama_model_free(model)
-            raise ModelLoadError(f"llama.cpp could not create a context for {path}")
-        self._ctx = ctx
-        self._mem = lc.llama_get_memory(ctx)
-        self._order: determinism.Placement | None = None
-        self.shape = ContextShape(
-            n_ctx=lc.llama_n_ctx(ctx),
-            n_seq_max=lc.llama_n_seq_max(ctx) - (1 if self.mode.deterministic else 0),
-            n_batch=lc.llama_n_batch(ctx),
-            cell_bytes=self._cell_bytes(),
-        )
-        self._batch = lc.llama_batch_init(self.shape.n_batch, 0, 1)
-        if self.mode.deterministic:
-            self._order = determinism.Placement(ctx, self.shape.n_ctx, self.shape.n_seq_max)
+
+        def cparams() -> lc.llama_context_params:
+            p: lc.llama_context_params = lc.llama_context_default_params()
+            p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, n_batch, n_batch, n_seq_max
+            p.n_threads = p.n_threads_batch = threads
+            p.kv_unified = p.no_perf = True
+            p.abort_callback = self._abort_cb  # type: ignore[assignment]
+            p.abort_callback_data = ctypes.cast(self._abort, ctypes.c_void_p)
+            return p
+
+        settings = cparams()
+        self.mode = determinism.context(mode, settings, *self._head_dims())
+        self._open_context(settings, path)
         self._samplers: dict[int, ctypes.c_void_p] = {}
         self._greedy: set[int] = set()  # sequences sampled by argmax of the logits
         self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
@@ -220,9 +205,31 @@ class LlamaCppDriver:
         if self.mode.deterministic and self.shape.n_seq_max > 1:  # one slot: never batched
             self.mode = self.mode.checked(determinism.probe(
                 self, self.tokenize(PROBE[0]), self.tokenize(PROBE[1])))
+            if not self.mode.deterministic:  # the default context, without the mode's costs
+                lc.llama_batch_free(self._batch)
+                lc.llama_free(self._ctx)
+                self._open_context(cparams(), path)
         self.info.extra["deterministic"] = self.mode.line()
         self.info.deterministic = self.mode.deterministic
         log.info("loaded %s: %s, context %s", path, self.info.description, self.shape)
+
+    def _open_context(self, cparams: lc.llama_context_params, path: Path) -> None:
+        """The context, its shape and its batch, from ``cparams``."""
+        ctx = lc.llama_init_from_model(self._model, cparams)
+        if not ctx:
+            lc.llama_model_free(self._model)
+            raise ModelLoadError(f"llama.cpp could not create a context for {path}")
+        self._ctx = ctx
+        self._mem = lc.llama_get_memory(ctx)
+        self.shape = ContextShape(
+            n_ctx=lc.llama_n_ctx(ctx),
+            n_seq_max=lc.llama_n_seq_max(ctx) - (1 if self.mode.deterministic else 0),
+            n_batch=lc.llama_n_batch(ctx),
+            cell_bytes=self._cell_bytes(),
+        )
+        self._batch = lc.llama_batch_init(self.shape.n_batch, 0, 1)
+        self._order = (determinism.Placement(ctx, self.shape.n_ctx, self.shape.n_seq_max)
+                       if self.mode.deterministic else None)
 
     # -- where it runs ------------------------------------------------------------------
 
