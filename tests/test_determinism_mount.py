@@ -28,7 +28,7 @@ OTHERS = ["Photosynthesis is the process by which plants",
           "The ocean covers most of the Earth, and", "To bake bread at home, you will need",
           "Water boils at a lower temperature on mountains because",
           "The city of Paris is famous for", "Once upon a time, in a small village by the sea,"]
-# Past Gemma 3's 512-token sliding window (drivers.determinism: the pin)
+# Past Gemma 3's 512-token sliding window (drivers.determinism.Placement)
 LONG = "The main causes of the French Revolution were " + " ".join(OTHERS) * 6
 LENGTHS = [120, 20, 70, 10, 30, 8, 90, 16]
 
@@ -81,8 +81,8 @@ def test_tasks_that_ran_in_batches_replay_alone_to_the_same_tokens(gemma_model: 
         assert " swap_in " in trace and " evict " in trace
         assert int(ax.status("t0")["kv_prefix_reused"]) >= 8  # copied from base's sequence
         assert int(ax.status(fork)["kv_prefix_reused"]) >= 8
-        assert re.search(r"batch=\d+\.\.([2-9]|1\d)\n", ax.read("replay/t1/timeline"))
-        assert int(ax.status("t15")["prompt_tokens"]) > 600
+        assert re.search(r"batch=(\d+\.\.)?([2-9]|1\d)\n", ax.read("replay/t1/timeline"))
+        assert int(ax.status("t15")["prompt_tokens"]) > 512
         time.sleep(1.2)  # a journal flush
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
