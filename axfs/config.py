@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from axfs.errors import BadInput
+from drivers import grammar as grammars
 from drivers.base import Sampling
 
 MAX_STOPS = 8
@@ -35,13 +36,24 @@ class TaskConfig:
     stop: list[str] = field(default_factory=list)
     priority: int = 100
     chat: bool = False  # the prompt goes through the model's chat template
+    format: str = "text"  # "json": the output is one JSON object (llama.cpp's JSON grammar)
+    deadline: float = 0.0  # seconds from submission; 0: none (see axfs.deadlines)
+    # Written to tasks/ID/schema or tasks/ID/grammar, not to config: the GBNF the output
+    # must match (a schema's converted) and the schema it came from.
+    grammar: str = ""
+    schema: str = ""
 
     def copy(self) -> TaskConfig:
         return dataclasses.replace(self, stop=list(self.stop))
 
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                        seed=self.seed)
+                        seed=self.seed, grammar=self.output_grammar)
+
+    @property
+    def output_grammar(self) -> str:
+        """The GBNF the output must match: the task's own, else JSON's for ``format json``."""
+        return self.grammar or (grammars.JSON if self.format == "json" else "")
 
     def fix_seed(self) -> None:
         if self.seed < 0:
@@ -59,6 +71,8 @@ class TaskConfig:
         lines += [f"stop {escape(s)}" for s in self.stop] or ["stop"]
         lines.append(f"priority {self.priority}")
         lines.append(f"chat {'on' if self.chat else 'off'}")
+        lines.append(f"format {self.format}")
+        lines.append(f"deadline {self.deadline:g}")
         return "\n".join(lines) + "\n"
 
     def updated(self, text: str, models: set[str], where: str = "config") -> TaskConfig:
@@ -125,6 +139,12 @@ def _switch(value: str, where: str) -> bool:
     return value == "on"
 
 
+def _format(value: str, where: str) -> str:
+    if value not in ("text", "json"):
+        raise BadInput(f"{where}: {value!r} is not text or json")
+    return value
+
+
 _PARSERS: dict[str, Callable[[str, str], object]] = {
     "max_tokens": _number(int, 1, 1_000_000),
     "temperature": _number(float, 0.0, 100.0),
@@ -133,6 +153,8 @@ _PARSERS: dict[str, Callable[[str, str], object]] = {
     "seed": _number(int, -1, 2**32 - 1),
     "priority": _number(int, 1, 10_000),
     "chat": _switch,
+    "format": _format,
+    "deadline": _number(float, 0.0, 31_536_000.0),
 }
 KEYS = ("model", *_PARSERS, "stop")
 

@@ -31,7 +31,8 @@ import trio
 from axfs.scheduler import Scheduler, StepPlan
 from axfs.swap import SwapSpace
 from axfs.task import State, Task
-from axfs.trace import Trace
+from axfs.timeline import DECODE, PREFILL, Finish
+from axfs.trace import Event, Trace
 from drivers.base import Driver, DriverError, SeqState, StepAborted
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,15 @@ class StepResult:
 
 def note_first_token(trace: Trace, task: Task) -> None:
     """The timeline's and the trace's line for a task's first token (every runtime's)."""
-    task.mark("first_token")
-    trace.emit("first_token", task.id, task.uid,
+    task.mark(Event.FIRST_TOKEN)
+    trace.emit(Event.FIRST_TOKEN, task.id, task.uid,
                ms=round((task.first_token_at - task.submitted_at) * 1000, 1))
 
 
-def note_done(trace: Trace, task: Task, reason: str, **extra: object) -> None:
+def note_done(trace: Trace, task: Task, reason: Finish, **extra: object) -> None:
     """The timeline's and the trace's line for a task that generated to its end."""
-    task.mark("done", reason=reason, tokens=task.num_generated, **extra)
-    trace.emit("done", task.id, task.uid, reason=reason, tokens=task.num_generated,
+    task.mark(Event.DONE, reason=reason, tokens=task.num_generated, **extra)
+    trace.emit(Event.DONE, task.id, task.uid, reason=reason, tokens=task.num_generated,
                seconds=round(time.time() - task.submitted_at, 3), **extra)
 
 
@@ -126,7 +127,7 @@ class Engine:
             self._last_abort = now
             self.driver.abort()
 
-    def end(self, task: Task, state: State, reason: str, error: str = "") -> None:
+    def end(self, task: Task, state: State, reason: Finish, error: str = "") -> None:
         """Finish ``task`` (if it is not already) and give back its place in the model."""
         if not task.finished:
             self.swap.discard(task.saved)
@@ -161,8 +162,8 @@ class Engine:
             except DriverError as e:
                 log.warning("step failed: %s", e)
                 for task in [*plan.owners.values(), *(t for t, _, _ in plan.preempted)]:
-                    self.trace.emit("error", task.id, task.uid, reason=str(e))
-                    self.end(task, State.FAILED, "error", f"model error: {e}")
+                    self.trace.emit(Event.ERROR, task.id, task.uid, reason=str(e))
+                    self.end(task, State.FAILED, Finish.ERROR, f"model error: {e}")
                 text = []
                 continue
             finally:
@@ -175,15 +176,15 @@ class Engine:
 
     def _announce(self, plan: StepPlan) -> None:
         for task, _, keep in plan.preempted:
-            task.mark("preempt", keep_kv=keep)
-            self.trace.emit("preempt", task.id, task.uid, cells=task.num_cached if keep else 0,
+            task.mark(Event.PREEMPT, keep_kv=keep)
+            self.trace.emit(Event.PREEMPT, task.id, task.uid, cells=task.num_cached if keep else 0,
                             keep_kv="yes" if keep else "no")
         for slot in plan.evicted:
-            self.trace.emit("evict", seq=slot)
+            self.trace.emit(Event.EVICT, seq=slot)
         for adm in plan.admissions:
             task = adm.task
-            task.mark("admit", seq=adm.slot, prefix=adm.prefix)
-            self.trace.emit("admit", task.id, task.uid, seq=task.seq, kv_cells=task.kv_reserved,
+            task.mark(Event.ADMIT, seq=adm.slot, prefix=adm.prefix)
+            self.trace.emit(Event.ADMIT, task.id, task.uid, seq=task.seq, kv_cells=task.kv_reserved,
                             prefix=adm.prefix, resumed="yes" if task.saved else "no")
 
     async def _step(self, plan: StepPlan, closed: list[int], text: list[tuple[Task, int]]
@@ -259,11 +260,11 @@ class Engine:
                 continue
             where = self.swap.where(task.saved)
             if where:
-                self.trace.emit("swap_out", task.id, task.uid, to=where,
+                self.trace.emit(Event.SWAP_OUT, task.id, task.uid, to=where,
                                 bytes=getattr(task.saved, "kv_bytes", 0))
         for task in plan.admitted:
             if self.swap.where(task.saved):
-                self.trace.emit("swap_in", task.id, task.uid, cells=task.num_cached)
+                self.trace.emit(Event.SWAP_IN, task.id, task.uid, cells=task.num_cached)
             task.saved = None
         self._learn(plan, result)
         if result.error:
@@ -274,13 +275,14 @@ class Engine:
                 task.isolate = False  # it ran alone and the step worked
         if result.aborted:
             self.num_aborted += 1
-            self.trace.emit("abort_step", tokens=plan.num_tokens, ms=round(result.step_s * 1000, 1))
+            self.trace.emit(Event.ABORT_STEP, tokens=plan.num_tokens, ms=round(result.step_s * 1000, 1))
             return []
         self.num_steps += 1
         self.num_tokens += plan.num_tokens
         now = time.time()
         batch = len(plan.pieces)
-        grow, charge, is_eog = self.scheduler.kv.grow, self.scheduler.charge, self.driver.is_eog
+        grow, charge, is_eog = self.scheduler.kv.blocks.grow, self.scheduler.charge, self.driver.is_eog
+        limit = self.scheduler.kv.seq_limit
         sampled = result.sampled
         text: list[tuple[Task, int]] = []
         for piece in plan.pieces:
@@ -289,12 +291,12 @@ class Engine:
             if task.finished or task.seq != seq:
                 continue  # killed while the step ran
             prefill = n > 1 or task.num_cached < len(task.prompt_tokens)
-            task.mark_step("prefill" if prefill else "decode", batch, n, now)
+            task.mark_step(PREFILL if prefill else DECODE, batch, n, now)
             task.num_cached += n
             grow(seq, n)
             charge(task, n)
             if prefill:
-                self.trace.emit("prefill", task.id, task.uid, tokens=n,
+                self.trace.emit(Event.PREFILL, task.id, task.uid, tokens=n,
                                 done=task.num_cached, of=task.num_history)
             token = sampled.get(seq)
             if token is None:
@@ -303,13 +305,14 @@ class Engine:
             task.take(token, now)
             if first:
                 note_first_token(self.trace, task)
-            ending = task.ends_with(is_eog(token), task.num_history + 1 > task.kv_reserved)
+            ending = task.ends_with(is_eog(token), task.num_history + 1 > limit)
             if not ending:
                 text.append((task, token))
                 continue
             task.end_with(ending, self.driver.piece(token))
-            note_done(self.trace, task, task.finish_reason)
-            self.end(task, task.state, task.finish_reason)
+            reason = task.finish_reason or ending
+            note_done(self.trace, task, reason)
+            self.end(task, task.state, reason)
         return text
 
     def _publish(self, text: list[tuple[Task, int]]) -> None:
@@ -320,8 +323,8 @@ class Engine:
             if task.finished:
                 continue  # killed, or stopped by an earlier token of the same step
             if task.add_piece(piece(token)):
-                note_done(self.trace, task, "stop")
-                self.end(task, task.state, "stop")
+                note_done(self.trace, task, Finish.STOP)
+                self.end(task, task.state, Finish.STOP)
             else:
                 task.notify(now)
 
@@ -332,10 +335,10 @@ class Engine:
         log.warning("step of %d tasks failed: %s", len(owners), error)
         if len(owners) == 1:
             task = owners[0]
-            self.trace.emit("error", task.id, task.uid, reason=error)
-            self.end(task, State.FAILED, "error", f"model error: {error}")
+            self.trace.emit(Event.ERROR, task.id, task.uid, reason=error)
+            self.end(task, State.FAILED, Finish.ERROR, f"model error: {error}")
             return
-        self.trace.emit("step_error", tasks=len(owners), reason=error)
+        self.trace.emit(Event.STEP_ERROR, tasks=len(owners), reason=error)
         for task in owners:
             task.isolate = True
 

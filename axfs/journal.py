@@ -13,7 +13,9 @@ One append-only file, ``STATE_DIR/journal.msgpack``, a stream of msgpack maps:
 
 When records reach the disk: a submission is written and fsync'ed before the write
 that submitted it returns (``commit``), so an accepted task survives a power failure,
-and one that cannot be written is refused and leaves nothing in the file; generated
+and one that cannot be written is refused and leaves nothing in the file. Submissions
+that arrive together share one write and one fsync (group commit, as databases do: the
+first caller writes every record queued by then while the others wait for it); generated
 tokens and ends are written every ``interval`` seconds (default 1) and fsync'ed then.
 A power failure loses at most that last second of tokens and ends, which a restart
 computes again (the tasks run on from what was kept). A crash of the daemon alone
@@ -39,8 +41,10 @@ from typing import Any
 
 import msgpack
 
+from axfs import timeline
 from axfs.config import TaskConfig
 from axfs.task import State, Task
+from axfs.timeline import Finish
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ def end_record(task: Task) -> dict[str, Any]:
         "t": "end", "id": task.id, "state": task.state.value, "reason": task.finish_reason,
         "error": task.error, "text": bytes(task.output), "preempted": task.num_preempted,
         "processed": task.num_processed, "waited": task.waited_s, "reused": task.prefix_reused,
-        "timeline": task.timeline, "deterministic": task.deterministic,
+        "timeline": [e.record() for e in task.timeline], "deterministic": task.deterministic,
         **{k: getattr(task, k) for k in TIMES},
     }
 
@@ -109,17 +113,26 @@ def make_task(entry: Entry) -> Task:
         task.output_tokens = list(entry.tokens)
         task.output = bytearray(end["text"])
         task.state = State(end["state"])
-        task.finish_reason = end["reason"]
+        task.finish_reason = Finish(end["reason"])
         task.error = end["error"]
         task.num_preempted = end.get("preempted", 0)
         task.num_processed = end.get("processed", 0)
         task.waited_s = end.get("waited", 0.0)
         task.prefix_reused = end.get("reused", 0)
         task.deterministic = end.get("deterministic", False)
-        task.timeline = [tuple(e) for e in end.get("timeline", [])]
+        task.timeline = [timeline.entry(e) for e in end.get("timeline", [])]
         for k in TIMES:
             setattr(task, k, end.get(k, getattr(task, k)))
     return task
+
+
+@dataclass(slots=True)
+class _Commit:
+    """A record waiting to be written by ``Journal.commit``, and how that went."""
+
+    data: bytes
+    done: bool = False
+    error: OSError | None = None
 
 
 class Journal:
@@ -130,8 +143,12 @@ class Journal:
         self._fd: int | None = None
         self._lock = threading.Lock()  # the buffer: appended in the trio thread
         self._write_lock = threading.RLock()  # the file: flushed from worker threads too
+        self._group = threading.Condition()  # commits waiting to be written together
+        self._queued: list[_Commit] = []
+        self._leading = False  # a commit is writing a group now
         self.bytes_written = 0
         self.records = 0
+        self.syncs = 0  # fsyncs of committed records
 
     # -- reading -----------------------------------------------------------------
 
@@ -203,12 +220,37 @@ class Journal:
 
     def commit(self, record: dict[str, Any]) -> None:
         """Write ``record`` after what the buffer holds and fsync it; OSError if either
-        cannot be done, and then the file ends as it did before the record."""
-        data = msgpack.packb(record, use_bin_type=True)
-        with self._write_lock:
-            self._write_synced(data)
-            self.bytes_written += len(data)
-            self.records += 1
+        cannot be done, and then the file ends as it did before the record. Called from
+        several threads at once, the records queued meanwhile go in one write and fsync
+        (and fail together: none of them stays in the file)."""
+        mine = _Commit(msgpack.packb(record, use_bin_type=True))
+        with self._group:
+            self._queued.append(mine)
+            while self._leading and not mine.done:
+                self._group.wait()
+            if mine.done:
+                if mine.error is not None:
+                    raise mine.error
+                return
+            self._leading = True
+            group, self._queued = self._queued, []
+        error: OSError | None = None
+        try:
+            data = b"".join(c.data for c in group)
+            with self._write_lock:
+                self._write_synced(data)
+                self.bytes_written += len(data)
+                self.records += len(group)
+                self.syncs += 1
+        except OSError as e:
+            error = e
+        with self._group:
+            for c in group:
+                c.done, c.error = True, error
+            self._leading = False
+            self._group.notify_all()
+        if error is not None:
+            raise error
 
     def probe(self, size: int) -> None:
         """Whether a record of about ``size`` bytes can be written and fsync'ed now: one is,

@@ -1,10 +1,7 @@
 """The KV-cache manager: sequence slots, cells, shared prefixes and cached sequences.
 
-Its picture of the cache is llama.cpp's unified cache: a cell belongs to every sequence
-that holds it and is free when none does, and copying a prefix from one sequence to
-another (``llama_memory_seq_cp``) adds the copy to the same cells without new ones. The
-manager keeps that picture as *blocks*, runs of cells with a count of the slots that
-reference them, so it knows at every moment how many cells are in use and which would
+Its picture of the cache is llama.cpp's unified cache, kept as blocks of shared cells
+(axfs.blocks), so it knows at every moment how many cells are in use and which would
 come free if a sequence went.
 
 A slot is free, running (an admitted task's sequence) or cached (the sequence of a task
@@ -14,9 +11,12 @@ needed).
 
 Admission is check, then commit: ``plan`` works out which sequence to copy a prefix
 from, which slot to use and which cached sequences to evict, without changing
-anything; ``commit`` applies that plan. A task reserves its whole context up front (its
-prompt plus ``max_tokens``, capped at the per-task context), so a running task never
-finds the cache full.
+anything; ``commit`` applies that plan. A task reserves its memory as it grows: its
+history (prompt and text so far) and ``RESERVE_AHEAD`` cells more at admission, then
+``RESERVE_AHEAD`` more each time it has used what it holds (``reserve``), never past its
+prompt plus ``max_tokens`` or the per-task context. So a running task never finds the
+cache full in the middle of a step, and a task that asks for a million tokens holds only
+what it has used. When there is no room to grow, the scheduler decides who gives way.
 """
 
 from __future__ import annotations
@@ -24,21 +24,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from axfs.blocks import BlockTable
 from axfs.task import Task
 from drivers.base import SeqState
 
 MIN_PREFIX = 8  # shortest shared prefix worth copying (every prompt shares its BOS)
 WAIT_GAIN = 32  # a task waits for a prefix another task is computing if it saves this many
-
-
-class Block:
-    """A run of ``size`` cells held by ``refs`` sequences."""
-
-    __slots__ = ("refs", "size")
-
-    def __init__(self, size: int, refs: int = 1) -> None:
-        self.size = size
-        self.refs = refs
+RESERVE_AHEAD = 256  # cells a task reserves beyond what it has used
 
 
 @dataclass(slots=True)
@@ -117,21 +109,30 @@ class KVManager:
         # used cell of the unified cache, so cached cells slow every step a little.
         self.cache_limit = capacity_cells // 4 if cache_limit is None else cache_limit
         self.counters = KVCounters()
-        self.used_cells = 0
+        self.blocks = BlockTable(slots)
         self._free = list(range(slots - 1, -1, -1))
-        self._blocks: dict[int, list[Block]] = {s: [] for s in range(slots)}
         self._running: dict[int, Task] = {}
         self._cached: OrderedDict[int, Cached] = OrderedDict()  # least recently used first
 
     # -- questions -------------------------------------------------------------------
 
-    def need(self, task: Task) -> int:
-        """Cells ``task`` reserves: its prompt and room for every token it may generate."""
+    def limit(self, task: Task) -> int:
+        """Most cells ``task`` can ever hold: its prompt and every token it may generate,
+        within the per-task context."""
         return min(len(task.prompt_tokens) + task.config.max_tokens, self.seq_limit)
+
+    def need(self, task: Task) -> int:
+        """Cells ``task`` reserves to be admitted: its history and ``RESERVE_AHEAD`` more."""
+        return min(task.num_history + RESERVE_AHEAD, self.limit(task))
 
     def cells(self, slot: int) -> int:
         """Cells slot ``slot`` holds (shared ones included)."""
-        return sum(b.size for b in self._blocks[slot])
+        return self.blocks.cells(slot)
+
+    @property
+    def used_cells(self) -> int:
+        """Cells held by any sequence (a shared cell counts once)."""
+        return self.blocks.used
 
     @property
     def growth_cells(self) -> int:
@@ -198,33 +199,36 @@ class KVManager:
                 return None
         adm = Admission(task=task, slot=-1, cells=need, source=source, prefix=prefix)
         victims = [s for s in self._cached if s not in pinned and s != source]
-        left: dict[int, int] = {}  # id(block) -> references left after the evictions
-        freed = 0
-
-        def evict(slot: int) -> None:
-            nonlocal freed
-            adm.evict.append(slot)
-            for b in self._blocks[slot]:
-                refs = left.get(id(b), b.refs) - 1
-                left[id(b)] = refs
-                if refs == 0:
-                    freed += b.size
-
+        first: list[int] = []  # a cached slot evicted for its slot, whatever it frees
         if self._free:
             adm.slot = self._free[-1]
         elif victims:
             adm.slot = victims[0]
-            evict(victims.pop(0))
+            first = victims[:1]
         elif source is not None and source in self._cached:
             adm.slot, adm.adopt = source, True
         else:
             return None
         free = self.capacity_cells - self.used_cells - self.growth_cells
-        while free + freed < need - prefix:
-            if not victims:
-                return None
-            evict(victims.pop(0))
+        evict = self._evictions(first, victims, need - prefix - free)
+        if evict is None:
+            return None
+        adm.evict = evict
         return adm
+
+    def _evictions(self, first: list[int], candidates: list[int], short: int
+                   ) -> list[int] | None:
+        """Cached slots to evict: ``first``, then ``candidates`` in order until ``short``
+        cells are freed (a cell shared with a sequence that stays is not freed); None
+        when all of them would not free enough."""
+        out: list[int] = []
+        freed = 0
+        for slot, total in self.blocks.freeing([*first, *(c for c in candidates if c not in first)]):
+            if freed >= short and slot not in first:
+                break
+            out.append(slot)
+            freed = total
+        return out if freed >= short else None
 
     def commit(self, adm: Admission) -> None:
         """Apply a plan made by ``plan`` (in the same step, before anything else changed)."""
@@ -238,9 +242,9 @@ class KVManager:
             self._free.remove(slot)
         if adm.adopt:
             del self._cached[slot]
-            self._truncate(slot, adm.prefix)
+            self.blocks.truncate(slot, adm.prefix)
         elif adm.source is not None:
-            self._share(adm.source, slot, adm.prefix)
+            self.blocks.share(adm.source, slot, adm.prefix)
             if adm.source in self._cached:
                 self._cached.move_to_end(adm.source)
         if adm.source is not None:
@@ -252,18 +256,29 @@ class KVManager:
             task.num_cached = adm.prefix
             task.prefix_reused += adm.prefix
         elif task.num_cached:  # a preempted task whose KV is restored from its saved state
-            self.grow(slot, task.num_cached)
+            self.blocks.grow(slot, task.num_cached)
 
     # -- while running -----------------------------------------------------------------
 
-    def grow(self, slot: int, n: int) -> None:
-        """``n`` new cells were computed for the sequence in ``slot``."""
-        blocks = self._blocks[slot]
-        if blocks and blocks[-1].refs == 1:
-            blocks[-1].size += n
-        else:
-            blocks.append(Block(n))
-        self.used_cells += n
+    def reserve(self, task: Task, pinned: set[int] | frozenset[int] = frozenset()
+                ) -> list[int] | None:
+        """Reserve ``RESERVE_AHEAD`` more cells (at most up to its limit) for the running
+        ``task``, evicting cached sequences (never ``pinned`` ones) for them. Returns the
+        evicted slots, for the driver to clear, or None (and changes nothing) when even
+        every cached sequence would not make room."""
+        extra = min(RESERVE_AHEAD, self.limit(task) - task.kv_reserved)
+        if extra <= 0:
+            return []
+        free = self.capacity_cells - self.used_cells - self.growth_cells
+        victims = self._evictions([], [s for s in self._cached if s not in pinned], extra - free)
+        if victims is None:
+            return None
+        for slot in victims:
+            self._drop(slot)
+            self._free.append(slot)
+            self.counters.evictions += 1
+        task.kv_reserved += extra
+        return victims
 
     def release(self, task: Task, cache: bool) -> list[int]:
         """Take ``task``'s slot back. With ``cache`` its sequence stays as a cached one
@@ -301,12 +316,10 @@ class KVManager:
         and the cells no other sequence shares)."""
         if task.seq is None:
             return 0
-        own = sum(b.size for b in self._blocks[task.seq] if b.refs == 1)
-        return own + max(0, task.kv_reserved - task.num_cached)
+        return self.blocks.own(task.seq) + max(0, task.kv_reserved - task.num_cached)
 
     def stats(self) -> KVStats:
-        running_blocks = {id(b): b for s in self._running for b in self._blocks[s]}
-        running = sum(b.size for b in running_blocks.values())
+        running = self.blocks.held(self._running)
         return KVStats(
             capacity_cells=self.capacity_cells,
             used_cells=self.used_cells,
@@ -319,50 +332,9 @@ class KVManager:
             slots_cached=len(self._cached),
         )
 
-    # -- blocks ------------------------------------------------------------------------
-
-    def _split(self, slot: int, n: int) -> int:
-        """Make a block boundary at cell ``n`` of ``slot``; return the index of the first
-        block past it."""
-        pos = 0
-        for i, b in enumerate(self._blocks[slot]):
-            if pos == n:
-                return i
-            if pos + b.size > n:
-                tail = Block(pos + b.size - n, b.refs)
-                b.size = n - pos
-                for blocks in self._blocks.values():
-                    for j, other in enumerate(blocks):
-                        if other is b:
-                            blocks.insert(j + 1, tail)
-                            break
-                return i + 1
-            pos += b.size
-        return len(self._blocks[slot])
-
-    def _share(self, source: int, slot: int, n: int) -> None:
-        cut = self._split(source, n)
-        shared = self._blocks[source][:cut]
-        for b in shared:
-            b.refs += 1
-        self._blocks[slot] = list(shared)
-
-    def _truncate(self, slot: int, n: int) -> None:
-        cut = self._split(slot, n)
-        for b in self._blocks[slot][cut:]:
-            self._unref(b)
-        del self._blocks[slot][cut:]
-
-    def _unref(self, b: Block) -> None:
-        b.refs -= 1
-        if b.refs == 0:
-            self.used_cells -= b.size
-
     def _drop(self, slot: int) -> None:
         """Free ``slot``'s cells (shared ones stay with their other holders)."""
         entry = self._cached.pop(slot, None)
         if entry is not None:
             self.counters.evicted_cells += len(entry.tokens)
-        for b in self._blocks[slot]:
-            self._unref(b)
-        self._blocks[slot] = []
+        self.blocks.drop(slot)

@@ -3,7 +3,7 @@
 A model is a name and either a local GGUF file (registered by ``ln -s FILE
 models/NAME``, by ``cp FILE models/`` into the state directory, or by the mount's
 ``--model``) or a list of OpenAI-compatible endpoints (``mkdir models/NAME`` then
-``endpoints URL...`` written to its ``ctl``). This module only keeps the list; loading
+``endpoints URL... [key=PATH] [ca=PATH]`` written to its ``ctl``). This module only keeps the list; loading
 and unloading are the kernel's (axfs.kernel), running is a runtime's (axfs.runtime,
 axfs.remote).
 """
@@ -16,12 +16,13 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from axfs.errors import BadInput, Exists
 from drivers.gguf import GgufInfo, read_info
+from drivers.openai import parse_url
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class ModelEntry:
     name: str
     path: str = ""  # a local GGUF file
     endpoints: list[str] = field(default_factory=list)  # or OpenAI-compatible servers
+    key_file: str = ""  # their API key's file (RemoteSpec)
+    ca_file: str = ""  # the CAs their certificates are checked against ("" the system's)
     copied: bool = False  # path is axfs's own copy (STATE_DIR/models), deleted with the entry
     gpu_layers: int | None = None  # None: chosen from the GPU's free memory
     template: str = ""  # chat template in place of the GGUF's (a llama.cpp built-in name)
@@ -142,17 +145,44 @@ class Registry:
                      if e.path and os.path.realpath(e.path) == real), None)
 
 
-def check_url(url: str) -> str:
-    """An endpoint's base url: http://HOST:PORT, optionally ending in / or /v1."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if parts.scheme != "http" or not parts.hostname or port is None \
-            or parts.path.rstrip("/") not in ("", "/v1") or parts.query or parts.fragment:
-        raise BadInput(f"endpoint {url!r}: expected http://HOST:PORT (optionally ending in /v1)")
-    return url
+@dataclass(frozen=True, slots=True)
+class RemoteSpec:
+    """A remote model's endpoints and the files it reaches them with: what follows
+    ``endpoints`` in its ctl (``URL... [key=PATH] [ca=PATH]``, words apart) or ``NAME=``
+    in the mount's ``--remote`` (the same words, commas apart)."""
+
+    endpoints: list[str]
+    key_file: str = ""  # the API key, sent as Authorization: Bearer
+    ca_file: str = ""  # the CAs that https endpoints' certificates are checked against
+
+
+def parse_remote(words: Sequence[str]) -> RemoteSpec:
+    """URLs (http:// or https://, optionally ending in /v1) and at most one ``key=PATH``
+    and one ``ca=PATH``, absolute paths; BadInput saying what is wrong. The files are
+    read where the model is loaded (axfs.remote)."""
+    urls: list[str] = []
+    files = {"key": "", "ca": ""}
+    for word in words:
+        option, is_option, path = word.partition("=")
+        if is_option and "://" not in option:
+            if option not in files:
+                raise BadInput(f"endpoints: unknown option {option!r} (options: key=PATH, ca=PATH)")
+            if files[option]:
+                raise BadInput(f"endpoints: {option}= given twice")
+            if not os.path.isabs(path):
+                raise BadInput(f"endpoints: {option}={path}: expected an absolute path")
+            files[option] = path
+            continue
+        try:
+            parse_url(word)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+        urls.append(word)
+    if not urls:
+        raise BadInput("endpoints: expected URL... [key=PATH] [ca=PATH]")
+    if files["ca"] and not any(url.strip().startswith("https:") for url in urls):
+        raise BadInput("endpoints: ca= is for https:// endpoints")
+    return RemoteSpec(urls, files["key"], files["ca"])
 
 
 class ModelCopy:

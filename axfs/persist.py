@@ -17,18 +17,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from axfs.errors import NotRecorded
-from axfs.journal import Journal, Loaded, end_record, make_task, snapshot, task_record
+from axfs.journal import Journal, end_record, make_task, snapshot, task_record
+from axfs.models import Registry
 from axfs.task import State, Task
+from axfs.trace import Event, Trace
 from drivers.files import open_regular
-
-if TYPE_CHECKING:
-    from axfs.kernel import Kernel
-    from axfs.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +41,17 @@ class Retention:
     keep_seconds: float = 7 * 86400.0
 
 
+class Kept(Protocol):
+    """What the keeper needs of the tree it keeps (the kernel): its tasks, the way to
+    remove one, its models (which is the default) and its trace."""
+
+    trace: Trace
+    tasks: dict[str, Task]
+    registry: Registry
+
+    def remove(self, task: Task, reason: str = "rm") -> None: ...
+
+
 class Keeper:
     def __init__(self, journal: Journal, model_sha: str, retention: Retention | None = None) -> None:
         self.journal = journal
@@ -54,7 +63,7 @@ class Keeper:
         self._compacted_size = 0
         self.error = ""  # the last write error, shown in trace and log
         self.num_errors = 0
-        self._kernel: Kernel | None = None
+        self._trace: Trace | None = None  # the tree's, once it is kept (``load``, ``run``)
 
     # -- recording -----------------------------------------------------------------
 
@@ -147,8 +156,8 @@ class Keeper:
     def _recovered(self) -> None:
         if self.error:
             log.warning("journal written again (%s)", self.journal.path)
-            if self._kernel is not None:
-                self._kernel.trace.emit("journal_ok", bytes=self.journal.bytes_written)
+            if self._trace is not None:
+                self._trace.emit(Event.JOURNAL_OK, bytes=self.journal.bytes_written)
             self.error = ""
 
     @property
@@ -174,13 +183,13 @@ class Keeper:
         message = f"journal write failed: {e.strerror or e}"
         if message != self.error:
             log.error("%s (%s)", message, self.journal.path)
-            if self._kernel is not None:
-                self._kernel.trace.emit("journal_error", reason=message)
+            if self._trace is not None:
+                self._trace.emit(Event.JOURNAL_ERROR, reason=message)
         self.error = message
 
-    async def run(self, kernel: Kernel) -> None:
+    async def run(self, kept: Kept) -> None:
         """Every ``interval``: journal new tokens and ends, fsync, apply retention."""
-        self._kernel = kernel
+        self._trace = kept.trace
         last_retention = time.monotonic()
         while True:
             await trio.sleep(self.journal.interval)
@@ -192,7 +201,7 @@ class Keeper:
                 self._failed(e)
             if time.monotonic() - last_retention > 60:
                 last_retention = time.monotonic()
-                self.retain(kernel)
+                self.retain(kept)
 
     def close(self) -> None:
         self._collect()
@@ -203,32 +212,32 @@ class Keeper:
 
     # -- retention and compaction ----------------------------------------------------
 
-    def retain(self, kernel: Kernel) -> None:
+    def retain(self, kept: Kept) -> None:
         """Drop finished tasks past the count or age limits; compact a grown journal."""
-        done = sorted((t for t in kernel.tasks.values() if t.finished), key=lambda t: t.finished_at)
+        done = sorted((t for t in kept.tasks.values() if t.finished), key=lambda t: t.finished_at)
         cutoff = time.time() - self.retention.keep_seconds
         extra = max(0, len(done) - self.retention.keep_tasks)
         for i, task in enumerate(done):
             if i < extra or task.finished_at < cutoff:
-                kernel.remove(task, reason="retention")
+                kept.remove(task, reason="retention")
         size = self.journal.bytes_written + self._compacted_size
         if size > max(COMPACT_MIN_BYTES, 2 * self._compacted_size):
-            self.compact(kernel)
+            self.compact(kept)
 
-    def compact(self, kernel: Kernel) -> None:
+    def compact(self, kept: Kept) -> None:
         self._collect()
-        default = kernel.registry.entries.get(kernel.registry.default)
-        records = [{"t": "model", "name": kernel.registry.default,
+        default = kept.registry.entries.get(kept.registry.default)
+        records = [{"t": "model", "name": kept.registry.default,
                     "path": default.path if default else "", "sha256": self.model_sha,
                     "at": time.time()}]
-        records += [snapshot(t, self.model_sha) for t in kernel.tasks.values()
+        records += [snapshot(t, self.model_sha) for t in kept.tasks.values()
                     if t.state is not State.DRAFT]
         try:
             self.journal.compact(records)
         except OSError as e:
             self._failed(e)
             return
-        for task in kernel.tasks.values():
+        for task in kept.tasks.values():
             if task.id in self._written:
                 self._written[task.id] = len(task.output_tokens)
         self._compacted_size = self.journal.path.stat().st_size
@@ -236,62 +245,21 @@ class Keeper:
 
     # -- restoring ---------------------------------------------------------------------
 
-    def restore(self, kernel: Kernel) -> Loaded:
-        """Bring back every journaled task: finished ones as they were, unfinished ones
-        queued again with what they had generated (see README, "Nothing lost")."""
-        self._kernel = kernel
+    def load(self, trace: Trace) -> tuple[list[tuple[Task, list[int]]], int]:
+        """Every journaled task, oldest first, with the tokens it generated, and how many
+        records were read. Unfinished ones are kept from here on (axfs.restore decides
+        what each does next)."""
+        self._trace = trace
         loaded = self.journal.load()
         if loaded.torn_at is not None:
-            kernel.trace.emit("journal_torn", offset=loaded.torn_at, bytes=loaded.torn_bytes)
-        tasks = [make_task(e) for e in loaded.tasks.values()]
-        entries = {t.id: e for t, e in zip(tasks, loaded.tasks.values(), strict=True)}
-        tasks.sort(key=lambda t: (t.submitted_at, t.id))
-        for task in tasks:
-            kernel.adopt(task)
-        waiting: list[Task] = []
-        for task in tasks:
-            if task.finished:
-                continue
-            self._active[task.id] = task
-            generated = entries[task.id].tokens
-            if task.parent and not task.prompt_tokens:
-                waiting.append(task)  # a fork that was waiting for its parent
-                continue
-            if task.config.model not in kernel.models:
-                kernel.finish(task, State.FAILED, "error",
-                              f"model {task.config.model} is no longer registered")
-                continue
-            sha = kernel.sha_for(task)
-            if task.model_sha and sha and task.model_sha != sha:
-                self._model_changed(kernel, task, sha)
-                continue
-            kernel.resume(task, generated)
-            self._written[task.id] = len(generated)
-        for task in waiting:
-            kernel.resume_fork(task)
-        kernel.trace.emit("journal_load", tasks=len(tasks), records=loaded.records,
-                          resumed=len(self._active))
-        self.retain(kernel)
-        self.compact(kernel)
-        return loaded
-
-    def _model_changed(self, kernel: Kernel, task: Task, sha: str) -> None:
-        """An unfinished task of another model file: a plain prompt starts again from its
-        text; a fork, whose context is tokens of the old model, fails."""
-        if task.parent:
-            kernel.finish(task, State.FAILED, "error",
-                          f"the model file changed since this fork was submitted "
-                          f"(sha256 {task.model_sha[:16]}..., now {sha[:16]}...)")
-            return
-
-        def again(runtime: Runtime) -> None:
-            task.model_sha = runtime.sha
-            task.deterministic = runtime.deterministic
-            task.prompt_tokens = runtime.tokenize(task.text_for_model, special=task.config.chat)
-            self.journal.append(task_record(task, task.model_sha))
-            kernel.resume(task, [])
-
-        kernel.when_loaded(task.config.model, again)
+            trace.emit(Event.JOURNAL_TORN, offset=loaded.torn_at, bytes=loaded.torn_bytes)
+        restored = [(make_task(e), e.tokens) for e in loaded.tasks.values()]
+        restored.sort(key=lambda r: (r[0].submitted_at, r[0].id))
+        for task, generated in restored:
+            if not task.finished:
+                self._active[task.id] = task
+                self._written[task.id] = len(generated)
+        return restored, loaded.records
 
 
 def file_sha256(path: Path, state_dir: Path) -> str:

@@ -9,6 +9,9 @@ decides what that means for admission and preemption.
   10000, default 100). Every token a task processes (prompt or generated) adds
   ``1 / weight`` to its task's and its user's virtual runtime; the batch goes to the
   users furthest behind, and inside a user to the tasks furthest behind.
+
+Under both, a task with a deadline (``config deadline``) comes before those without, the
+nearest deadline first (earliest deadline first; under ``fair``, inside its user).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Protocol
 
+from axfs.deadlines import deadline_at
 from axfs.task import Task
 
 USER_WEIGHT = 100.0
@@ -27,6 +31,9 @@ class Policy(Protocol):
     # Whether a user with nothing running gets their first token at once: the step in
     # flight is aborted and their prompt's last chunk runs in a step of its own.
     boosts_newcomers: bool
+    # Whether memory is shared out too: when cells run out, the user holding the most
+    # gives way (see axfs.scheduler); otherwise the lowest-ranked task does.
+    shares_memory: bool
 
     def order(self, tasks: list[Task]) -> list[Task]:
         """``tasks``, best claim first."""
@@ -55,12 +62,13 @@ class _User:
 class FifoPolicy:
     name = "fifo"
     boosts_newcomers = False
+    shares_memory = False
 
     def __init__(self) -> None:
         self._tokens: dict[int, int] = defaultdict(int)
 
     def order(self, tasks: list[Task]) -> list[Task]:
-        return sorted(tasks, key=lambda t: (t.submitted_at, t.id))
+        return sorted(tasks, key=lambda t: (deadline_at(t), t.submitted_at, t.id))
 
     def charge(self, task: Task, tokens: int) -> None:
         self._tokens[task.uid] += tokens
@@ -75,6 +83,7 @@ class FifoPolicy:
 class FairPolicy:
     name = "fair"
     boosts_newcomers = True
+    shares_memory = True
 
     def __init__(self) -> None:
         self._users: dict[int, _User] = {}
@@ -103,7 +112,8 @@ class FairPolicy:
     def order(self, tasks: list[Task]) -> list[Task]:
         self._enter(tasks)
         queues: dict[int, list[Task]] = defaultdict(list)
-        for t in sorted(tasks, key=lambda t: (self._task_vr[t.id], t.submitted_at, t.id)):
+        vr = self._task_vr
+        for t in sorted(tasks, key=lambda t: (deadline_at(t), vr[t.id], t.submitted_at, t.id)):
             queues[t.uid].append(t)
         # Hand out places one at a time to the user whose virtual runtime, counting
         # the places already given (a token each per step), is lowest.

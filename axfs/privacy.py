@@ -1,6 +1,6 @@
 """What one user may see of another's work on a tree mounted with ``--multi-user``.
 
-The rule (README, "Many users", has it as a table): a user sees their own tasks and
+The rule (docs/tree.md, "Many users", has it as a table): a user sees their own tasks and
 trace lines in full; of other users' work, only what the scheduler shares between them
 (event names, uids, task ids and counts), never text a user wrote: prompts, fork text,
 config values, refused lines, task names. Root, and every reader of a tree mounted

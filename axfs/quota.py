@@ -32,7 +32,7 @@ ACTIVE = frozenset({State.QUEUED, State.RUNNING, State.PREEMPTED})
 
 @dataclass(slots=True, frozen=True)
 class Limits:
-    """One user's limits (the defaults are README's)."""
+    """One user's limits (the defaults are in docs/tree.md, "Limits")."""
 
     tasks: int = 256  # tasks queued, running or preempted at once
     prompt_bytes: int = 1 << 20  # bytes of one prompt (or fork text)

@@ -1,11 +1,12 @@
 """The runtime of a model served elsewhere, by OpenAI-compatible engines (vLLM,
 llama-server, Ollama): each task is one streamed ``/v1/completions`` request, spread
-over the model's endpoints by drivers.openai's pool, which also moves a task to
-another endpoint when its own fails.
+over the model's endpoints by drivers.pool, which also moves a task to another
+endpoint when its own fails. ``open_remote`` reads the model's key and CA files (named
+in models.json, never copied there) off the trio thread.
 
 The remote engine batches and caches on its side, so this runtime only limits how
 many requests it has in flight; tokens are counted as the streamed pieces of text,
-corrected by the server's own count at the end (drivers.openai.Outcome.tokens).
+corrected by the server's own count at the end (drivers.pool.Outcome.tokens).
 """
 
 from __future__ import annotations
@@ -17,15 +18,28 @@ from collections.abc import Callable
 
 import trio
 
+from axfs import deadlines, userfiles
 from axfs.engine import note_done, note_first_token
+from axfs.models import ModelEntry
 from axfs.task import State, Task
-from axfs.trace import Trace
+from axfs.timeline import Finish
+from axfs.trace import Event, Trace
 from drivers.base import DriverError
-from drivers.openai import Pool, Request
+from drivers.credentials import Access, read_key, tls_context
+from drivers.openai import Request
+from drivers.pool import Pool
 
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 256  # requests in flight per model (each is one open connection)
+
+
+async def open_remote(entry: ModelEntry, trace: Trace) -> RemoteRuntime:
+    """The runtime of remote model ``entry``, with its key and TLS context read from the
+    files it names (OSError, ValueError or BadInput saying why not)."""
+    key = await userfiles.call(read_key, entry.key_file) if entry.key_file else ""
+    tls = await userfiles.call(tls_context, entry.ca_file)
+    return RemoteRuntime(entry.name, entry.endpoints, trace, access=Access(tls, key))
 
 
 class RemoteRuntime:
@@ -34,10 +48,10 @@ class RemoteRuntime:
     deterministic = False  # the remote engine's batching is not ours to pin down
 
     def __init__(self, name: str, endpoints: list[str], trace: Trace, retry_s: float = 30.0,
-                 max_inflight: int = MAX_INFLIGHT) -> None:
+                 max_inflight: int = MAX_INFLIGHT, access: Access | None = None) -> None:
         self.name = name
         self.trace = trace
-        self.pool = Pool(endpoints, retry_s=retry_s, on_event=self._event)
+        self.pool = Pool(endpoints, retry_s=retry_s, on_event=self._event, access=access)
         self.max_inflight = max_inflight
         self.on_end: Callable[[Task], None] | None = None
         self.last_used = time.monotonic()
@@ -45,12 +59,17 @@ class RemoteRuntime:
         self._running: dict[str, trio.CancelScope] = {}
         self._wake = trio.Event()
         self.num_tokens = 0
+        self._timers: trio.Nursery | None = None  # deadlines' timers, while it runs
+        self.deadlines = deadlines.Tally()
 
     def _event(self, kind: str, fields: dict[str, str]) -> None:
-        self.trace.emit(kind, model=self.name, **fields)
+        self.trace.emit(Event(kind), model=self.name, **fields)
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
+        async with self.pool, trio.open_nursery() as nursery:
+            self._timers = nursery
+            for task in self._waiting:  # added before it ran
+                self._watch(task)
             while True:
                 while self._waiting and len(self._running) < self.max_inflight:
                     task = self._waiting.popleft()
@@ -64,16 +83,23 @@ class RemoteRuntime:
     def add(self, task: Task) -> None:
         self.last_used = time.monotonic()
         self._waiting.append(task)
+        self._watch(task)
         self._wake.set()
+
+    def _watch(self, task: Task) -> None:
+        """End ``task`` at its deadline, if it has one (axfs.deadlines)."""
+        if task.config.deadline > 0 and self._timers is not None:
+            self._timers.start_soon(deadlines.watch, task, self.end, self.trace)
 
     async def _serve(self, task: Task, scope: trio.CancelScope) -> None:
         config = task.config
         request = Request(prompt=task.text_for_model, max_tokens=config.max_tokens,
                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                          seed=config.seed, stop=tuple(config.stop))
+                          seed=config.seed, stop=tuple(config.stop),
+                          grammar=config.output_grammar)
         task.start(-1, 0)
-        task.mark("admit", remote="yes")
-        self.trace.emit("admit", task.id, task.uid, model=self.name, remote="yes")
+        task.mark(Event.ADMIT, remote="yes")
+        self.trace.emit(Event.ADMIT, task.id, task.uid, model=self.name, remote="yes")
 
         def on_text(text: str) -> None:
             first = not task.output_tokens
@@ -86,8 +112,8 @@ class RemoteRuntime:
             try:
                 outcome = await self.pool.complete(request, on_text)
             except DriverError as e:
-                self.trace.emit("error", task.id, task.uid, reason=str(e))
-                self.end(task, State.FAILED, "error", f"remote error: {e}")
+                self.trace.emit(Event.ERROR, task.id, task.uid, reason=str(e))
+                self.end(task, State.FAILED, Finish.ERROR, f"remote error: {e}")
                 return
             finally:
                 self._running.pop(task.id, None)
@@ -97,17 +123,18 @@ class RemoteRuntime:
             if missing > 0:
                 task.output_tokens += [-1] * missing
                 self.num_tokens += missing
-            reason = "length" if outcome.finish_reason == "length" else "stop"
+            reason = Finish.LENGTH if outcome.finish_reason == "length" else Finish.STOP
             note_done(self.trace, task, reason, endpoint=outcome.endpoint, moves=outcome.moves)
             self.end(task, State.DONE, reason)
 
-    def end(self, task: Task, state: State, reason: str, error: str = "") -> None:
+    def end(self, task: Task, state: State, reason: Finish, error: str = "") -> None:
         scope = self._running.pop(task.id, None)
         if scope is not None:
             scope.cancel()  # closes the connection: the server stops generating
         if task in self._waiting:
             self._waiting.remove(task)
         task.finish(state, reason, error)
+        self.deadlines.count(task)
         self.last_used = time.monotonic()
         self._wake.set()
         if self.on_end is not None:

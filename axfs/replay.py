@@ -7,22 +7,26 @@ prompt (no prefix copied from another sequence), and ``replay/ID/result`` then r
 ``match`` or where the first token differs. A task that ran in deterministic mode
 (drivers.determinism) has the same tokens whatever shared its steps, so its replay
 matches; otherwise llama.cpp's batched steps do not give bit-identical logits for a
-sequence decoded alone and inside a batch, so a task that ran in batches can replay
-differently, and the result says so (notes/determinism.md). A replay runs in the mode
-its task ran in: a task of the other mode is a mismatch, as a changed model file is.
+sequence decoded alone and inside a batch (docs/design.md, Replay), so a task that ran
+in batches can replay differently, and the result says so (docs/tree.md, Replay). A
+replay runs in the mode its task ran in: a task of the other mode is a mismatch, as a
+changed model file is (notes/determinism.md).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from axfs.errors import BadInput, Busy
+from axfs import ctl
+from axfs.errors import Busy
+from axfs.runtime import LocalRuntime
 from axfs.task import Task
+from axfs.timeline import GENERATED, Steps
+from axfs.trace import Event, Trace
 
-if TYPE_CHECKING:
-    from axfs.kernel import Kernel
+COMMANDS = (ctl.Verb("run"),)  # replay/ID/ctl
 
 
 @dataclass(slots=True)
@@ -34,8 +38,11 @@ class Replay:
 
 
 class Replays:
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
+    """The replays of tasks: ``local`` finds the local runtime of a model, if loaded."""
+
+    def __init__(self, trace: Trace, local: Callable[[str], LocalRuntime | None]) -> None:
+        self.trace = trace
+        self.local = local
         self._replays: dict[str, Replay] = {}
         self._running: dict[int, Replay] = {}  # id(runner) -> its replay
 
@@ -44,8 +51,7 @@ class Replays:
         return replay.result if replay is not None else ""
 
     def control(self, task: Task, text: str) -> None:
-        if text.split() != ["run"]:
-            raise BadInput(f"replay ctl: cannot parse {text.strip()[:60]!r} (commands: run)")
+        ctl.parse(COMMANDS, f"replay/{task.id}/ctl", text)  # run, the only command
         self.run(task)
 
     def run(self, task: Task) -> None:
@@ -57,8 +63,7 @@ class Replays:
         if replay.runner is not None:
             raise Busy(f"a replay of task {task.id} is running")
         replay.runs += 1
-        k = self.kernel
-        runtime = k.local(task.config.model)
+        runtime = self.local(task.config.model)
         if runtime is None:
             replay.runs -= 1
             raise Busy(f"model {task.config.model} is not loaded here: replay runs on a local "
@@ -66,16 +71,16 @@ class Replays:
         if task.model_sha and runtime.sha and task.model_sha != runtime.sha:
             replay.result = (f"mismatch model: task {task.id} ran on a model file with sha256 "
                              f"{task.model_sha}, the mounted one has {runtime.sha}\n")
-            k.trace.emit("replay", task.id, task.uid, result="mismatch", why="model")
+            self.trace.emit(Event.REPLAY, task.id, task.uid, result="mismatch", why="model")
             return
         if task.deterministic != runtime.deterministic:
             replay.result = (f"mismatch mode: task {task.id} ran {_mode(task.deterministic)}, "
                              f"model {task.config.model} is now loaded "
                              f"{_mode(runtime.deterministic)} (see its info)\n")
-            k.trace.emit("replay", task.id, task.uid, result="mismatch", why="mode")
+            self.trace.emit(Event.REPLAY, task.id, task.uid, result="mismatch", why="mode")
             return
         config = task.config.copy()
-        if task.finish_reason not in ("eos", "stop", "length", "context"):
+        if task.finish_reason not in GENERATED:
             config.max_tokens = max(1, task.num_generated)  # killed or failed: as far as it got
         runner = Task(f"replay-{task.id}-{replay.runs}", task.uid, task.gid, config)
         runner.exclusive = True
@@ -83,7 +88,7 @@ class Replays:
         replay.runner = runner
         replay.result = "running\n"
         self._running[id(runner)] = replay
-        k.trace.emit("replay", task.id, task.uid, run=replay.runs, tokens=task.num_generated)
+        self.trace.emit(Event.REPLAY, task.id, task.uid, run=replay.runs, tokens=task.num_generated)
         runtime.engine.add(runner)
 
     def ended(self, runner: Task) -> None:
@@ -92,7 +97,7 @@ class Replays:
             return
         replay.runner = None
         replay.result = self._compare(replay.original, runner)
-        self.kernel.trace.emit("replay", replay.original.id, runner.uid,
+        self.trace.emit(Event.REPLAY, replay.original.id, runner.uid,
                                result=replay.result.split()[0],
                                seconds=round(time.time() - runner.submitted_at, 3))
 
@@ -112,7 +117,7 @@ class Replays:
         return f"match {len(want)} tokens\n"
 
     def _piece(self, token: int, model: str) -> str:
-        runtime = self.kernel.local(model)
+        runtime = self.local(model)
         text = runtime.piece(token).decode("utf-8", "replace") if runtime else "?"
         return repr(text)
 
@@ -120,8 +125,7 @@ class Replays:
     def _batched(task: Task) -> str:
         if task.deterministic:
             return " (the task ran in deterministic mode: see notes/determinism.md)"
-        most = max((d.get("batch_max", 1) for _, kind, d in task.timeline
-                    if kind in ("prefill", "decode")), default=1)
+        most = max((e.batch_max for e in task.timeline if isinstance(e, Steps)), default=1)
         return f" (the task ran in batches of up to {most} sequences; the replay ran alone)" \
             if most > 1 else ""
 
@@ -137,13 +141,12 @@ def timeline(task: Task, model_sha: str) -> str:
             f"deterministic {'yes' if task.deterministic else 'no'}",
             f"state {task.state.value}", ""]
     rows = []
-    for at, kind, d in task.timeline:
-        if kind in ("prefill", "decode"):
-            batch = (f"{d['batch_min']}" if d["batch_min"] == d["batch_max"]
-                     else f"{d['batch_min']}..{d['batch_max']}")
-            rows.append(f"{at:10.1f} - {d['until_ms']:.1f} ms {kind} steps={d['steps']} "
-                        f"tokens={d['tokens']} batch={batch}")
+    for e in task.timeline:
+        if isinstance(e, Steps):
+            batch = f"{e.batch_min}" if e.batch_min == e.batch_max else f"{e.batch_min}..{e.batch_max}"
+            rows.append(f"{e.at:10.1f} - {e.until_ms:.1f} ms {e.kind} steps={e.steps} "
+                        f"tokens={e.tokens} batch={batch}")
         else:
-            extra = "".join(f" {key}={v}" for key, v in d.items())
-            rows.append(f"{at:10.1f} ms {kind}{extra}")
+            extra = "".join(f" {key}={v}" for key, v in e.details.items())
+            rows.append(f"{e.at:10.1f} ms {e.kind}{extra}")
     return "\n".join(head + rows) + "\n"

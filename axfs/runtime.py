@@ -13,13 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import trio
+
+from axfs import deadlines
 from axfs.engine import Engine
 from axfs.kv import KVManager
 from axfs.policy import make_policy
 from axfs.scheduler import Scheduler
 from axfs.swap import SwapSpace
 from axfs.task import State, Task
-from axfs.trace import Trace
+from axfs.timeline import Finish
+from axfs.trace import Event, Trace
 from drivers.base import Driver
 
 
@@ -35,7 +39,7 @@ class Runtime(Protocol):
 
     def add(self, task: Task) -> None: ...
 
-    def end(self, task: Task, state: State, reason: str, error: str = "") -> None: ...
+    def end(self, task: Task, state: State, reason: Finish, error: str = "") -> None: ...
 
     def tokenize(self, text: str, bos: bool = True, special: bool = False) -> list[int]: ...
 
@@ -61,7 +65,7 @@ class LocalOptions:
     # A step's text published while the next step runs (axfs.engine); None: when the
     # model runs on a GPU. On a CPU whose every core runs llama.cpp's step, the work
     # overlapped takes a core from the step: measured here (Gemma 3 270M, 2 cores, N=8,
-    # 5 rounds each) 0.95x of the driver alone with it, 1.03x without (README).
+    # 5 rounds each) 0.95x of the driver alone with it, 1.03x without (docs/benchmarks.md, "The hot path").
     overlap: bool | None = None
 
 
@@ -82,10 +86,14 @@ class LocalRuntime:
         self.engine = Engine(driver, self.scheduler, trace, swap or SwapSpace(options.swap_mem, None),
                              overlap=self._overlap(driver, options.overlap))
         self.engine.swap.on_error = lambda task_id, why: trace.emit(
-            "error", task_id, self._owner(task_id), reason=why)
+            Event.ERROR, task_id, self._owner(task_id), reason=why)
         self.engine.on_end = self._ended
         self.on_end: Callable[[Task], None] | None = None
         self.last_used = time.monotonic()
+        self._timers: trio.Nursery | None = None  # deadlines' (axfs.deadlines), while it runs
+        self._watching: dict[str, trio.CancelScope] = {}  # task id -> its deadline's timer
+        self._unwatched: list[Task] = []  # tasks with deadlines added before ``run``
+        self.deadlines = deadlines.Tally()
 
     @staticmethod
     def _overlap(driver: Driver, asked: bool | None) -> bool:
@@ -94,17 +102,45 @@ class LocalRuntime:
         return int(driver.info.extra.get("gpu_layers", "0") or 0) > 0
 
     async def run(self) -> None:
-        await self.engine.run()
+        async with trio.open_nursery() as nursery:
+            self._timers = nursery
+            for task in self._unwatched:  # added before it ran
+                nursery.start_soon(self._watch, task)
+            self._unwatched.clear()
+            await self.engine.run()
 
     def add(self, task: Task) -> None:
         self.last_used = time.monotonic()
+        if task.config.deadline > 0:
+            why = deadlines.too_late(task, self.scheduler.costs.prefill_s_per_token)
+            if why:
+                deadlines.fail(task, self.end, self.engine.trace, why)
+                return
+            if self._timers is None:
+                self._unwatched.append(task)
+            else:
+                self._timers.start_soon(self._watch, task)
         self.engine.add(task)
 
-    def end(self, task: Task, state: State, reason: str, error: str = "") -> None:
+    async def _watch(self, task: Task) -> None:
+        if task.finished:  # ended before this timer's task began
+            return
+        with trio.CancelScope() as scope:
+            self._watching[task.id] = scope
+            try:
+                await deadlines.watch(task, self.end, self.engine.trace)
+            finally:
+                self._watching.pop(task.id, None)
+
+    def end(self, task: Task, state: State, reason: Finish, error: str = "") -> None:
         self.engine.end(task, state, reason, error)
 
     def _ended(self, task: Task) -> None:
         self.last_used = time.monotonic()
+        watching = self._watching.pop(task.id, None)
+        if watching is not None:
+            watching.cancel()
+        self.deadlines.count(task)
         if self.on_end is not None:
             self.on_end(task)
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import codecs
 import enum
 import time
-from typing import Any
 
 import trio
 
 from axfs.config import TaskConfig
+from axfs.timeline import Entry, Finish, Mark, StepKind, Steps
+from axfs.trace import Event
 
 
 class State(enum.StrEnum):
@@ -28,6 +29,7 @@ class State(enum.StrEnum):
 
 
 FINAL = frozenset({State.DONE, State.FAILED, State.KILLED})
+_EOS, _LENGTH, _CONTEXT = Finish.EOS, Finish.LENGTH, Finish.CONTEXT  # per token: looked up once
 
 
 class Task:
@@ -42,7 +44,7 @@ class Task:
         self.output = bytearray()  # the published stream: whole UTF-8 characters
         self.output_tokens: list[int] = []
         self.error = ""
-        self.finish_reason = ""
+        self.finish_reason: Finish | None = None
         self.seq: int | None = None  # the model sequence slot while admitted
         self.num_cached = 0  # tokens of prompt + output already in the KV cache
         self.kv_reserved = 0  # cells reserved for this task while admitted
@@ -54,14 +56,15 @@ class Task:
         self.exclusive = False  # runs alone in its steps (a replay)
         self.isolate = False  # was in a step that failed: runs alone until a step works
         self.stepwise_until = 0  # recompute up to here as first computed (see Scheduler)
-        # What happened to it, for replay/ID/timeline: [ms since submission, event, details]
-        self.timeline: list[tuple[float, str, dict[str, Any]]] = []
+        self.timeline: list[Entry] = []  # what happened to it (replay/ID/timeline)
         self.follow_up: list[int] = []  # a fork's own tokens, appended to its parent's text
         self.model_prompt = ""  # the text the model is given, where it is not the prompt:
         # the prompt in the chat template, or a fork's whole context (see Kernel._queue)
+        self.bad_constraint = ""  # why the last schema or grammar written did not compile
         self.num_preempted = 0
         self.num_processed = 0  # tokens run through the model for it (prefill and decode)
         self.processed_at_start = 0  # num_processed when it was last admitted
+        self.generated_at_start = 0  # tokens generated when it was last admitted
         self.waited_s = 0.0  # time runnable but not admitted, before the current wait
         self.waiting_since = 0.0  # when the current wait began (0: not waiting)
         self.created_at = time.time()
@@ -113,28 +116,26 @@ class Task:
         now = time.time()
         return self.waited_s + (now - self.waiting_since if self.waiting_since else 0.0)
 
-    def mark(self, event: str, **details: object) -> None:
+    def mark(self, event: Event, **details: object) -> None:
         """Add ``event`` to the timeline."""
         base = self.submitted_at or self.created_at
-        self.timeline.append((round((time.time() - base) * 1000, 1), event, details))
+        self.timeline.append(Mark(round((time.time() - base) * 1000, 1), event, details))
 
-    def mark_step(self, kind: str, batch: int, tokens: int, now: float | None = None) -> None:
+    def mark_step(self, kind: StepKind, batch: int, tokens: int, now: float | None = None) -> None:
         """Count one step it ran in (ended at ``now``, time.time()): consecutive steps of
         one kind share a timeline entry."""
         at = round(((now or time.time()) - (self.submitted_at or self.created_at)) * 1000, 1)
         last = self.timeline[-1] if self.timeline else None
-        if last is not None and last[1] == kind:
-            d = last[2]
-            d["until_ms"] = at
-            d["steps"] += 1
-            d["tokens"] += tokens
-            if batch < d["batch_min"]:
-                d["batch_min"] = batch
-            elif batch > d["batch_max"]:
-                d["batch_max"] = batch
+        if type(last) is Steps and last.kind is kind:
+            last.until_ms = at
+            last.steps += 1
+            last.tokens += tokens
+            if batch < last.batch_min:
+                last.batch_min = batch
+            elif batch > last.batch_max:
+                last.batch_max = batch
             return
-        self.timeline.append((at, kind, {"until_ms": at, "steps": 1, "tokens": tokens,
-                                         "batch_min": batch, "batch_max": batch}))
+        self.timeline.append(Steps(at, kind, at, 1, tokens, batch, batch))
 
     # -- waking readers ------------------------------------------------------------
 
@@ -157,7 +158,7 @@ class Task:
         """The tokens a fork of this task continues from: its prompt and what it generated,
         less a final end-of-generation token."""
         out = self.output_tokens
-        if out and self.finish_reason == "eos":
+        if out and self.finish_reason is Finish.EOS:
             out = out[:-1]
         return self.prompt_tokens + out
 
@@ -179,6 +180,7 @@ class Task:
             self.waited_s += now - self.waiting_since
             self.waiting_since = 0.0
         self.processed_at_start = self.num_processed
+        self.generated_at_start = len(self.output_tokens)
         self.notify()
 
     def preempt(self, keep_kv: bool) -> None:
@@ -190,7 +192,7 @@ class Task:
             self.num_cached = 0
         self.notify()
 
-    def finish(self, state: State, reason: str, error: str = "") -> None:
+    def finish(self, state: State, reason: Finish, error: str = "") -> None:
         """End the task; what was held back for a possible stop string is published."""
         if self.finished:
             return
@@ -229,19 +231,19 @@ class Task:
             self.first_token_at = now
         self.output_tokens.append(token)
 
-    def ends_with(self, eog: bool, limit_reached: bool) -> str:
-        """Why the token just taken ends the task, known without its text: "eos",
-        "length", "context", or "" (a stop string is found only in the text)."""
+    def ends_with(self, eog: bool, limit_reached: bool) -> Finish | None:
+        """Why the token just taken ends the task, known without its text: EOS, LENGTH,
+        CONTEXT, or None (a stop string is found only in the text)."""
         if eog:
-            return "eos"
+            return _EOS
         if len(self.output_tokens) >= self.config.max_tokens:
-            return "length"
-        return "context" if limit_reached else ""
+            return _LENGTH
+        return _CONTEXT if limit_reached else None
 
-    def end_with(self, ending: str, piece: bytes) -> None:
+    def end_with(self, ending: Finish, piece: bytes) -> None:
         """Finish for ``ending`` (from ``ends_with``): the last token's text first, unless
         it is the end-of-generation token (a stop string in that text wins)."""
-        if ending == "eos" or not self.add_piece(piece):
+        if ending is _EOS or not self.add_piece(piece):
             self.finish(State.DONE, ending)
 
     def add_piece(self, piece: bytes) -> bool:
@@ -257,7 +259,7 @@ class Task:
         cut = self._stop_at()
         if cut is not None:
             self._held = self._held[:cut]
-            self.finish(State.DONE, "stop")
+            self.finish(State.DONE, Finish.STOP)
             return True
         keep = self._stop_prefix_len()
         self._publish(self._held[: len(self._held) - keep])

@@ -16,6 +16,7 @@ and reading costs the lines read, whatever the view.
 from __future__ import annotations
 
 import bisect
+import enum
 import logging
 import time
 from array import array
@@ -25,6 +26,48 @@ from axfs import privacy
 
 log = logging.getLogger(__name__)
 SYSTEM = -1  # the owner of a line without a uid
+
+
+class Event(enum.StrEnum):
+    """The name of a trace line (its fourth column). A StrEnum: a line is made from it
+    as from the string it is, at no extra cost."""
+
+    ABORT_STEP = "abort_step"
+    ADMIT = "admit"
+    CONFIG = "config"
+    DONE = "done"
+    ENDPOINT_DOWN = "endpoint_down"
+    ENDPOINT_UP = "endpoint_up"
+    ERROR = "error"
+    EVICT = "evict"
+    FIRST_TOKEN = "first_token"
+    FORK = "fork"
+    JOURNAL_ERROR = "journal_error"
+    JOURNAL_LOAD = "journal_load"
+    JOURNAL_OK = "journal_ok"
+    JOURNAL_TORN = "journal_torn"
+    KILL = "kill"
+    MODEL_ADD = "model_add"
+    MODEL_COPY = "model_copy"
+    MODEL_DEFAULT = "model_default"
+    MODEL_ENDPOINTS = "model_endpoints"
+    MODEL_LOAD = "model_load"
+    MODEL_LOADING = "model_loading"
+    MODEL_REMOVE = "model_remove"
+    MODEL_UNLOAD = "model_unload"
+    MOVE = "move"
+    PREEMPT = "preempt"
+    PREFILL = "prefill"
+    PRIORITY = "priority"
+    REJECT = "reject"
+    REMOVE = "remove"
+    REPLAY = "replay"
+    RESUME = "resume"
+    STEP_ERROR = "step_error"
+    SUBMIT = "submit"
+    SWAP_IN = "swap_in"
+    SWAP_OUT = "swap_out"
+    TRACE_DROPPED = "trace_dropped"
 
 
 def _value(v: object) -> str:
@@ -37,7 +80,7 @@ def _stamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
 
 
-def _line(stamp: str, event: str, task: str, uid: int | str, details: dict[str, object]) -> bytes:
+def _line(stamp: str, event: Event, task: str, uid: int | str, details: dict[str, object]) -> bytes:
     """``time task uid event key=value...``; values with spaces are quoted."""
     extra = "".join(f" {k}={_value(v)}" for k, v in details.items())
     return f"{stamp} {task} {uid} {event}{extra}\n".encode()
@@ -98,7 +141,7 @@ class Trace:
         """The size of the trace in ``who``'s view: every byte it ever showed them."""
         return self._end(self._next - 1, self._view(who))
 
-    def emit(self, event: str, task: str = "-", uid: int | str = "-", **details: object) -> None:
+    def emit(self, event: Event, task: str = "-", uid: int | str = "-", **details: object) -> None:
         """Add ``time task uid event key=value...``; values with spaces are quoted."""
         stamp = _stamp()
         line = _line(stamp, event, task, uid, details)
@@ -167,7 +210,7 @@ class Trace:
             return data, start + len(data)
         n = self.missed(offset, who)
         forgotten = offset < self._end(self._remembered - 1, self._view(who))
-        notice = _line(_stamp(), "trace_dropped", "-", "-", {
+        notice = _line(_stamp(), Event.TRACE_DROPPED, "-", "-", {
             "lines": f"{n}{'+' if forgotten and self._remembered else ''}",
             "reason": f"this reader fell behind the {self._max_lines} lines kept"})
         if len(notice) >= size:

@@ -32,6 +32,7 @@ class Sampling:
     top_k: int = 40
     top_p: float = 0.95
     seed: int = 0
+    grammar: str = ""  # GBNF the output must match (drivers.grammar); "": none
 
 
 @dataclass(slots=True)

@@ -31,6 +31,9 @@ TILED_ENV = "GGML_CPU_TILED_MM"
 GGML_TYPE_BF16 = 30  # ggml.h's; llama-cpp-python does not export it
 
 _decoded = False  # whether this process ran a decode (llama.cpp reads TILED_ENV once, then)
+# Texts decoded at load to check the mode (``check``)
+PROBE = ("The quick brown fox jumps over the lazy dog while the cat watches.",
+         "Once upon a time")
 
 
 @dataclass(slots=True, frozen=True)
@@ -101,7 +104,27 @@ def decoding() -> None:
     _decoded = True
 
 
-class Placement:
+class Unordered:
+    """Where cells go is llama.cpp's choice (not in deterministic mode): ``Placement``'s
+    calls, doing nothing."""
+
+    def drop(self, seq: int, first: int = 0) -> None:
+        pass
+
+    def room(self, n: int) -> None:
+        pass
+
+    def placed(self, n: int) -> None:
+        pass
+
+
+def placement(mode: Mode, ctx: lc.llama_context_p, n_ctx: int, pin: int) -> Unordered:
+    """What keeps the cells of a context opened in ``mode`` in order; ``pin``: the
+    sequence past the driver's."""
+    return Placement(ctx, n_ctx, pin) if mode.deterministic else Unordered()
+
+
+class Placement(Unordered):
     """Keeps a deterministic context's cells in position order.
 
     llama.cpp puts a step's new cells in the first free ones from where the last step
@@ -171,6 +194,16 @@ class Probed(Protocol):
     def step(self, pieces: list[Piece]) -> dict[int, int]: ...
 
     def logits(self, index: int) -> bytes: ...
+
+    def tokenize(self, text: str, bos: bool = True, *, special: bool = False) -> list[int]: ...
+
+
+def check(mode: Mode, driver: Probed, n_seq_max: int) -> Mode:
+    """``mode`` once ``probe`` has checked it on ``driver``'s context (of ``n_seq_max``
+    sequences; with one, nothing is ever batched: not checked)."""
+    if not mode.deterministic or n_seq_max < 2:
+        return mode
+    return mode.checked(probe(driver, driver.tokenize(PROBE[0]), driver.tokenize(PROBE[1])))
 
 
 def probe(driver: Probed, prompt: list[int], other: list[int]) -> bool:

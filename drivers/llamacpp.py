@@ -8,11 +8,9 @@ handlers keep answering.
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import logging
 import os
-import threading
 from pathlib import Path
 
 import llama_cpp as lc
@@ -30,95 +28,18 @@ from drivers.base import (
     StepAborted,
 )
 from drivers.devices import free_gpu_memory, gpus, plan_gpu_layers
+from drivers.llamalib import (
+    abort_flag,
+    check_gguf,
+    cpu_has_amx,
+    head_dims,
+    init_backend,
+    kv_cell_bytes,
+    meta,
+    recent_log,
+)
 
 log = logging.getLogger(__name__)
-
-GGUF_MAGIC = b"GGUF"
-# Texts decoded at load to check deterministic mode (drivers.determinism.probe)
-PROBE = ("The quick brown fox jumps over the lazy dog while the cat watches.",
-         "Once upon a time")
-# ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
-_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
-
-# llama.cpp logs through one process-wide callback; the last lines are kept so that a
-# failed load can say what llama.cpp said.
-_recent_log: collections.deque[str] = collections.deque(maxlen=50)
-_backend_lock = threading.Lock()
-_backend_ready = False
-
-
-@lc.llama_log_callback  # type: ignore[untyped-decorator]
-def _on_llama_log(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
-    line = (text or b"").decode("utf-8", "replace").rstrip("\n")
-    if not line.strip(" ."):
-        return
-    _recent_log.append(line)
-    log.log(_LEVELS.get(level, logging.DEBUG), "llama.cpp: %s", line)
-
-
-def _init_backend() -> None:
-    global _backend_ready
-    with _backend_lock:
-        if not _backend_ready:
-            lc.llama_log_set(_on_llama_log, ctypes.c_void_p(0))
-            lc.llama_backend_init()
-            _backend_ready = True
-
-
-def _abort_flag() -> tuple[ctypes.Array[ctypes.c_char], object]:
-    """A flag llama.cpp polls between graph nodes, and the callback that reads it.
-
-    The callback is libc's strlen on a two-byte buffer: it returns 1 once the first byte
-    is set and 0 before, so the check runs in C, with no Python call and no GIL taken
-    hundreds of times a step.
-    """
-    flag = ctypes.create_string_buffer(2)
-    strlen = ctypes.cast(ctypes.CDLL(None).strlen, ctypes.c_void_p).value
-    if strlen is None:
-        raise DriverError("libc's strlen was not found")
-    return flag, lc.ggml_abort_callback(strlen)
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX, whose llama.cpp repack path crashes here (README, Architecture)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_" in line for line in f)
-    except OSError:
-        return False
-
-
-def kv_cell_bytes(metadata: dict[str, object]) -> int:
-    """Bytes of KV one cell takes across all layers, assuming f16 K and V, from a GGUF's
-    metadata (0 when it does not say enough)."""
-    arch = metadata.get("general.architecture", "")
-
-    def num(key: str) -> int:
-        value = metadata.get(f"{arch}.{key}", 0)
-        if isinstance(value, tuple):  # per-layer counts (OpenELM): the most any layer has
-            value = max((v for v in value if isinstance(v, int)), default=0)
-        return value if isinstance(value, int) else 0
-
-    n_head = num("attention.head_count")
-    n_head_kv = num("attention.head_count_kv") or n_head
-    head_k = num("attention.key_length") or (num("embedding_length") // n_head if n_head else 0)
-    head_v = num("attention.value_length") or head_k
-    return num("block_count") * n_head_kv * (head_k + head_v) * 2
-
-
-def check_gguf(path: Path) -> None:
-    """Fail with a clear message when ``path`` is not a readable GGUF file."""
-    if not path.exists():
-        raise ModelLoadError(f"model file {path} does not exist")
-    if not path.is_file():
-        raise ModelLoadError(f"model {path} is not a regular file")
-    try:
-        with path.open("rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ModelLoadError(f"model file {path} cannot be read: {e.strerror}") from e
-    if magic != GGUF_MAGIC:
-        raise ModelLoadError(f"model file {path} is not a GGUF file (no GGUF magic at its start)")
 
 
 class LlamaCppDriver:
@@ -145,21 +66,21 @@ class LlamaCppDriver:
         ``mode`` says whether it is and why)."""
         path = Path(path).resolve()
         check_gguf(path)
-        _init_backend()
+        init_backend()
         gpu, n_gpu_layers = self._plan_gpu(path, n_ctx, gpu_layers)
         mparams = lc.llama_model_default_params()
         # Repacked weight layouts make batched steps about a quarter faster here, but
-        # llama.cpp's AMX repack path crashes on the first decode (README, Architecture): by default
+        # llama.cpp's AMX repack path crashes on the first decode (docs/design.md, Architecture): by default
         # repack everywhere except on CPUs with AMX.
         self.repack = not cpu_has_amx() if repack is None else repack
         mparams.use_extra_bufts = self.repack
         mparams.n_gpu_layers = n_gpu_layers
         mode = determinism.choose(deterministic, n_gpu_layers != 0, mparams)
         self.repack = self.repack and not mode.deterministic
-        _recent_log.clear()
+        recent_log.clear()
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
-            said = "; ".join(line for line in _recent_log if "error" in line.lower())
+            said = "; ".join(line for line in recent_log if "error" in line.lower())
             raise ModelLoadError(
                 f"llama.cpp could not load {path} (truncated or corrupt GGUF?)"
                 + (f": {said}" if said else "")
@@ -167,7 +88,7 @@ class LlamaCppDriver:
         self._model = model
         self._vocab = lc.llama_model_get_vocab(model)
         threads = n_threads or os.cpu_count() or 1
-        self._abort, self._abort_cb = _abort_flag()
+        self._abort, self._abort_cb = abort_flag()
 
         def cparams() -> lc.llama_context_params:
             p: lc.llama_context_params = lc.llama_context_default_params()
@@ -179,7 +100,7 @@ class LlamaCppDriver:
             return p
 
         settings = cparams()
-        self.mode = determinism.context(mode, settings, *self._head_dims())
+        self.mode = determinism.context(mode, settings, *head_dims(model))
         self._open_context(settings, path)
         self._samplers: dict[int, ctypes.c_void_p] = {}
         self._greedy: set[int] = set()  # sequences sampled by argmax of the logits
@@ -193,7 +114,7 @@ class LlamaCppDriver:
         self.info = ModelInfo(
             name=name or path.stem,
             path=str(path),
-            architecture=self._meta("general.architecture") or "unknown",
+            architecture=meta(model, "general.architecture") or "unknown",
             description=self._desc(),
             parameters=lc.llama_model_n_params(model),
             size_bytes=lc.llama_model_size(model),
@@ -202,13 +123,11 @@ class LlamaCppDriver:
             device=self._device(gpu, offloaded, n_layer, threads),
             extra={"file_bytes": str(path.stat().st_size), "gpu_layers": str(offloaded)},
         )
-        if self.mode.deterministic and self.shape.n_seq_max > 1:  # one slot: never batched
-            self.mode = self.mode.checked(determinism.probe(
-                self, self.tokenize(PROBE[0]), self.tokenize(PROBE[1])))
-            if not self.mode.deterministic:  # the default context, without the mode's costs
-                lc.llama_batch_free(self._batch)
-                lc.llama_free(self._ctx)
-                self._open_context(cparams(), path)
+        tried, self.mode = self.mode, determinism.check(self.mode, self, self.shape.n_seq_max)
+        if tried.deterministic and not self.mode.deterministic:  # llama.cpp's default context
+            lc.llama_batch_free(self._batch)
+            lc.llama_free(self._ctx)
+            self._open_context(cparams(), path)
         self.info.extra["deterministic"] = self.mode.line()
         self.info.deterministic = self.mode.deterministic
         log.info("loaded %s: %s, context %s", path, self.info.description, self.shape)
@@ -228,8 +147,7 @@ class LlamaCppDriver:
             cell_bytes=self._cell_bytes(),
         )
         self._batch = lc.llama_batch_init(self.shape.n_batch, 0, 1)
-        self._order = (determinism.Placement(ctx, self.shape.n_ctx, self.shape.n_seq_max)
-                       if self.mode.deterministic else None)
+        self._order = determinism.placement(self.mode, ctx, self.shape.n_ctx, self.shape.n_seq_max)
 
     # -- where it runs ------------------------------------------------------------------
 
@@ -277,33 +195,16 @@ class LlamaCppDriver:
 
     # -- model facts ---------------------------------------------------------------
 
-    def _meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(256)
-        n = lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", "replace") if n >= 0 else None
-
     def _desc(self) -> str:
         buf = ctypes.create_string_buffer(256)
         lc.llama_model_desc(self._model, buf, len(buf))
         return buf.value.decode("utf-8", "replace")
 
-    def _head_dims(self) -> tuple[int, int]:
-        """Values per head in K and in V."""
-        arch = self._meta("general.architecture") or ""
-        head_k = int(self._meta(f"{arch}.attention.key_length") or 0)
-        head_v = int(self._meta(f"{arch}.attention.value_length") or 0)
-        if not head_k:
-            n_head = max(1, lc.llama_model_n_head(self._model))
-            head_k = head_v = lc.llama_model_n_embd(self._model) // n_head
-        return head_k, head_v
-
     def _cell_bytes(self) -> int:
-        """Bytes of KV one cell takes across all layers (K and V in f16, or in the
-        deterministic mode's type)."""
-        n_layer = lc.llama_model_n_layer(self._model)
-        n_head_kv = lc.llama_model_n_head_kv(self._model)
+        """Bytes of KV one cell takes across all layers, in f16 or deterministic mode's type."""
         per_value = self.mode.kv.bytes_per_value if self.mode.kv else 2
-        return int(n_layer * n_head_kv * sum(self._head_dims()) * per_value)
+        layers, heads = lc.llama_model_n_layer(self._model), lc.llama_model_n_head_kv(self._model)
+        return int(layers * heads * sum(head_dims(self._model)) * per_value)
 
     # -- vocabulary ----------------------------------------------------------------
 
@@ -348,13 +249,24 @@ class LlamaCppDriver:
         if not 0 <= seq < self.shape.n_seq_max:
             raise DriverError(f"sequence {seq} is outside 0..{self.shape.n_seq_max - 1}")
         self._drop_sampler(seq)
-        if sampling.temperature <= 0:
+        if sampling.temperature <= 0 and not sampling.grammar:
             # Argmax straight from the logits: llama.cpp's greedy sampler first copies
             # all n_vocab logits into candidate records, per token (262k for Gemma).
             self._greedy.add(seq)
             return
         sparams = lc.llama_sampler_chain_default_params()
         chain = lc.llama_sampler_chain_init(sparams)
+        if sampling.grammar:
+            # First, so that what the others keep can always match the grammar.
+            grammar = lc.llama_sampler_init_grammar(self._vocab, sampling.grammar.encode(), b"root")
+            if not grammar:
+                lc.llama_sampler_free(chain)
+                raise DriverError("llama.cpp could not compile the task's grammar")
+            lc.llama_sampler_chain_add(chain, grammar)
+            if sampling.temperature <= 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+                self._samplers[seq] = chain
+                return
         if sampling.top_k > 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(sampling.top_k))
         if sampling.top_p < 1.0:
@@ -370,7 +282,7 @@ class LlamaCppDriver:
             lc.llama_sampler_free(chain)
 
     def close_seq(self, seq: int) -> None:
-        self._drop(seq)
+        self._order.drop(seq)
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._drop_sampler(seq)
 
@@ -379,7 +291,7 @@ class LlamaCppDriver:
         lc.llama_memory_seq_cp(self._mem, src, dst, 0, n)
 
     def trim_seq(self, seq: int, n: int) -> None:
-        self._drop(seq, n)
+        self._order.drop(seq, n)
         if not lc.llama_memory_seq_rm(self._mem, seq, n, -1):
             raise DriverError(f"llama.cpp could not trim sequence {seq} to {n} cells")
 
@@ -397,7 +309,7 @@ class LlamaCppDriver:
                 raise DriverError(f"llama.cpp could not save sequence {seq}")
         sampler: object = "greedy" if seq in self._greedy else self._samplers.pop(seq)
         self._greedy.discard(seq)
-        self._drop(seq)
+        self._order.drop(seq)
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
         return SeqState(sampler=sampler, kv=kv, kv_bytes=size)
 
@@ -409,14 +321,12 @@ class LlamaCppDriver:
                 kv = (ctypes.c_uint8 * len(kv)).from_buffer(kv)
             if not isinstance(kv, ctypes.Array):
                 raise DriverError("saved state is not from this driver")
-            self._drop(seq)
+            self._order.drop(seq)
             lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
-            if self._order is not None:  # the state holds fewer cells than this
-                self._order.room(state.kv_bytes // max(1, self.shape.cell_bytes) + 1)
+            self._order.room(state.kv_bytes // max(1, self.shape.cell_bytes) + 1)  # or fewer
             if lc.llama_state_seq_set_data(self._ctx, kv, state.kv_bytes, seq) == 0:
                 raise DriverError(f"llama.cpp could not restore a sequence into slot {seq}")
-            if self._order is not None:
-                self._order.placed(self.seq_cells(seq))
+            self._order.placed(self.seq_cells(seq))
         if state.sampler == "greedy":
             self._greedy.add(seq)
         else:
@@ -446,8 +356,7 @@ class LlamaCppDriver:
             if p.sample and p.tokens:
                 wanted.append((p.seq, i - 1))
         b.n_tokens = total
-        if self._order is not None:
-            self._order.room(total)
+        self._order.room(total)
         determinism.decoding()
         rc = lc.llama_decode(self._ctx, b)
         if rc == 2:
@@ -456,15 +365,8 @@ class LlamaCppDriver:
             raise DriverError("the KV cache has no room for this step")
         if rc != 0:
             raise DriverError(f"llama_decode failed with code {rc}")
-        if self._order is not None:
-            self._order.placed(total)
+        self._order.placed(total)
         return {seq: self._sample(seq, idx) for seq, idx in wanted}
-
-    def _drop(self, seq: int, first: int = 0) -> None:
-        """Before ``seq``'s cells from ``first`` on are removed (deterministic mode:
-        drivers.determinism.Placement)."""
-        if self._order is not None:
-            self._order.drop(seq, first)
 
     def abort(self, stop: bool = True) -> None:
         self._abort[0] = b"\1" if stop else b"\0"

@@ -97,8 +97,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="layers of the default model on the GPU (default: as many as fit)")
     m.add_argument("--idle-unload", type=float, default=600.0, metavar="SECONDS",
                    help="unload a model other than the default after this long idle (0: never)")
-    m.add_argument("--remote", action="append", default=[], metavar="NAME=URL[,URL...]",
-                   help="a model served by OpenAI-compatible endpoints (repeatable)")
+    m.add_argument("--remote", action="append", default=[],
+                   metavar="NAME=URL[,URL...][,key=PATH][,ca=PATH]",
+                   help="a model served by OpenAI-compatible endpoints, http:// or https://, with "
+                   "the file of its API key (mode 600) and of the CAs to check https against "
+                   "(repeatable)")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount the tree and stop its daemon")
@@ -138,6 +141,8 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.log_level != "debug":  # httpx logs every request it sends at info
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     ready_fd: int | None = args.ready_fd
 
     def ready(message: str) -> None:

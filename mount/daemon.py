@@ -24,11 +24,12 @@ from axfs.errors import BadInput
 from axfs.fs.operations import Operations
 from axfs.journal import Journal
 from axfs.kernel import Kernel
-from axfs.models import ModelEntry, Registry, check_name, check_url, name_for_file
+from axfs.models import ModelEntry, Registry, check_name, name_for_file, parse_remote
 from axfs.persist import Keeper, Retention, file_sha256
 from axfs.quota import Quota, parse_limits
 from axfs.swap import SwapSpace
 from drivers.base import ModelLoadError
+from drivers.credentials import read_key, tls_context
 from drivers.files import open_regular
 from drivers.llamacpp import LlamaCppDriver
 
@@ -69,7 +70,7 @@ class MountOptions:
     cache_cells: int | None = None  # cells of ended tasks' KV kept, at most (None: ctx/4)
     gpu_layers: int | None = None  # the default model's; None: its models/NAME/ctl setting, else auto
     idle_unload: float = 600.0  # seconds a model other than the default stays loaded idle (0: never)
-    remote: tuple[str, ...] = ()  # --remote values, "NAME=URL[,URL...]"
+    remote: tuple[str, ...] = ()  # --remote values, "NAME=URL[,URL...][,key=PATH][,ca=PATH]"
     overlap: bool | None = None  # a step's text published while the next runs (None: on a GPU)
 
 
@@ -152,17 +153,21 @@ def open_registry(opts: MountOptions) -> Registry:
     registry = Registry(opts.state_dir / "models.json")
     registry.load()
     for spec in opts.remote:
-        name, _, urls = spec.partition("=")
-        endpoints = [check_url(u) for u in urls.split(",") if u]
-        if not endpoints:
-            raise BadInput(f"--remote {spec}: expected NAME=URL[,URL...]")
+        name, _, words = spec.partition("=")
+        try:
+            remote = parse_remote([w for w in words.split(",") if w])
+            if remote.key_file:
+                read_key(remote.key_file)  # refused at mount, with the reason
+            if remote.ca_file:
+                tls_context(remote.ca_file)
+        except (BadInput, OSError, ValueError) as e:
+            raise BadInput(f"--remote {spec}: {e}") from e
         entry = registry.entries.get(check_name(name))
         if entry is not None and entry.path:
             raise BadInput(f"--remote {spec}: {name} is a local model")
         if entry is None:
-            registry.add(ModelEntry(name, endpoints=endpoints))
-        else:
-            entry.endpoints = endpoints
+            entry = registry.add(ModelEntry(name))
+        entry.endpoints, entry.key_file, entry.ca_file = remote.endpoints, remote.key_file, remote.ca_file
     registry.save()
     return registry
 

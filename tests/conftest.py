@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,28 @@ from tests.tinymodel import write_tiny_gguf
 REPO = Path(__file__).resolve().parent.parent
 AXFS = [sys.executable, "-m", "mount.cli"]
 TINY_CTX = 65536
+
+# Test tiers (registered in pyproject.toml). A test's fixtures mark most of them; a test
+# that mounts or starts servers itself says so with its own mark, and one with no other
+# tier is a unit test.
+TIERS = ("adapter", "mount", "model", "server")
+MOUNT_FIXTURES = frozenset({"ax", "ax1", "shared", "tight", "mu", "pm", "fz", "gemma", "small_disk"})
+MODEL_FIXTURES = frozenset({"tiny_model", "gemma_model"})
+SERVER_FIXTURES = frozenset({"binary"})
+HAS_FUSE = os.path.exists("/dev/fuse")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for tier, names in (("mount", MOUNT_FIXTURES), ("model", MODEL_FIXTURES),
+                            ("server", SERVER_FIXTURES)):
+            if fixtures & names:
+                item.add_marker(tier)
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker("unit")
+        if not HAS_FUSE and item.get_closest_marker("mount"):  # the one skip for /dev/fuse
+            item.add_marker(pytest.mark.skip(reason="no /dev/fuse"))
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +64,17 @@ def gemma_model() -> Path:
 
 
 def sh(script: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` in bash; the mount point is in $AX."""
-    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=timeout)
+    """Run ``script`` in bash; the mount point is in $AX. On a timeout the whole process
+    group is killed: a ``cat`` left reading the tree would keep it from unmounting."""
+    proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     if check and done.returncode != 0:
         raise AssertionError(f"{script!r} exited {done.returncode}: {done.stderr}")
     return done
@@ -82,7 +114,15 @@ def mount(path: Path, model: Path, state: Path, *extra: str) -> subprocess.Compl
 
 
 def umount(path: Path) -> None:
-    subprocess.run([*AXFS, "umount", str(path)], cwd=REPO, capture_output=True, timeout=60)
+    """Unmount; a mount still busy (a test's shell timed out with a reader in the tree)
+    is retried, then detached lazily, so that no daemon outlives its test."""
+    for _ in range(5):
+        done = subprocess.run([*AXFS, "umount", str(path)], cwd=REPO, capture_output=True,
+                              text=True, timeout=90)
+        if done.returncode == 0 or not os.path.ismount(path):
+            return
+        time.sleep(2)
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=30)
 
 
 @contextlib.contextmanager

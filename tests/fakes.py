@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import trio
 
+from axfs.kernel import Kernel
+from axfs.runtime import LocalRuntime
 from drivers.base import (
     ContextShape,
     DriverError,
@@ -165,3 +167,12 @@ async def settle(driver: GatedDriver, done: Callable[[], bool]) -> None:
             if driver.entered.acquire(blocking=False):
                 driver.gate.release()
             await trio.sleep(0.01)
+
+
+def local(kernel: Kernel) -> LocalRuntime:
+    """The runtime of ``kernel``'s default model: its driver, engine, scheduler and KV
+    manager, which unit tests look into."""
+    runtime = kernel.local()
+    if runtime is None:
+        raise AssertionError("the kernel has no local default model")
+    return runtime

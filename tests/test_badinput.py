@@ -24,8 +24,6 @@ from tests.fakes import FakeDriver
 from tests.test_mount import new_task
 from tests.test_operations import path_ino, read_file, write_file
 
-needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
-
 
 def tasks(ax: Mount) -> set[str]:
     return set(os.listdir(ax.path / "tasks"))
@@ -42,7 +40,7 @@ def last_reject(ax: Mount) -> str:
 # -- prompts ------------------------------------------------------------------------
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_a_zero_byte_prompt_submits_nothing(ax: Mount) -> None:
     before, names = submits(ax), tasks(ax)
     ax.sh(": > tasks/new")  # opened, truncated, closed: nothing was written
@@ -51,7 +49,7 @@ def test_a_zero_byte_prompt_submits_nothing(ax: Mount) -> None:
     assert ax.status("zero")["state"] == "draft"
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_an_empty_prompt_is_refused_at_close_with_the_reason(ax: Mount) -> None:
     before = submits(ax)
     # A program that checks close() is told.
@@ -64,7 +62,7 @@ def test_an_empty_prompt_is_refused_at_close_with_the_reason(ax: Mount) -> None:
     assert "prompt is empty" in ax.read("users/0").splitlines()[-1]
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_a_10_mb_prompt_fails_with_efbig_and_nothing_is_queued(ax: Mount) -> None:
     before, names = submits(ax), tasks(ax)
     done = ax.sh("head -c 10M /dev/zero | tr '\\0' a > tasks/new", check=False)
@@ -80,7 +78,7 @@ def test_a_10_mb_prompt_fails_with_efbig_and_nothing_is_queued(ax: Mount) -> Non
     ax.wait_state("huge", "done")  # the same draft takes a good prompt afterwards
 
 
-@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize(("data", "words"), [
     (b"ab\xffcd", "invalid start byte at byte 2"),
     (b"caf\xc3(", "invalid continuation byte at byte 3"),
@@ -101,7 +99,7 @@ def test_invalid_utf8_fails_the_write_with_einval(ax: Mount, data: bytes, words:
     assert submits(ax) == before
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_utf8_split_across_writes_is_whole_and_a_cut_one_is_refused_at_close(ax: Mount) -> None:
     with open(ax.path / "tasks/new", "r+b", buffering=0) as f:
         f.write(b"x\xe2")
@@ -114,7 +112,7 @@ def test_utf8_split_across_writes_is_whole_and_a_cut_one_is_refused_at_close(ax:
     assert "not valid UTF-8" in last_reject(ax)
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_a_nul_byte_fails_the_write_with_einval(ax: Mount) -> None:
     before = submits(ax)
     done = ax.sh("printf 'a\\0b' > tasks/new", check=False)
@@ -128,7 +126,7 @@ def test_a_nul_byte_fails_the_write_with_einval(ax: Mount) -> None:
 # -- config -------------------------------------------------------------------------
 
 
-@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize(("line", "words"), [
     ("colour red", "unknown key 'colour'"),
     ("=5", "unknown key '=5'"),
@@ -167,7 +165,7 @@ def test_a_bad_config_line_fails_with_einval_and_changes_nothing(ax: Mount, line
     assert words.replace("'", "") in last_reject(ax).replace("'", "").replace('"', "")
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_config_that_is_not_utf8_fails_with_einval(ax: Mount) -> None:
     ax.sh("mkdir tasks/cfgbytes")
     done = ax.sh("printf 'max_tokens \\xff\\n' > tasks/cfgbytes/config", check=False)
@@ -178,7 +176,7 @@ def test_config_that_is_not_utf8_fails_with_einval(ax: Mount) -> None:
 # -- writes and operations that make no sense --------------------------------------------
 
 
-@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize("path", ["README", "memory", "sched", "trace", "devices",
                                   "models/tiny/info", "users/0", "tasks/{t}/status",
                                   "tasks/{t}/stream", "tasks/{t}/error", "tasks/{t}/prompt"])
@@ -198,7 +196,7 @@ def test_writing_a_read_only_file_fails_with_eacces(ax: Mount, path: str) -> Non
         assert "is read-only" in last_reject(ax)
 
 
-@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize(("script", "message"), [
     ("mv tasks/{t} tasks/{t}x", "Operation not permitted"),
     ("mv tasks/{t}/config tasks/{t}/c2", "Operation not permitted"),
@@ -235,13 +233,14 @@ def test_renames_links_chmod_and_truncate_that_make_no_sense_fail(ax: Mount, scr
     done = ax.sh(script.format(t=task), check=False)
     assert done.returncode != 0 and message in done.stderr, done
     assert sorted(os.listdir(ax.path / f"tasks/{task}")) == [
-        "config", "ctl", "error", "fork", "prompt", "status", "stream"]
+        "config", "ctl", "error", "fork", "grammar", "prompt", "schema", "status", "stream",
+        "timeline"]
     assert (ax.path / f"tasks/{task}/stream").read_bytes() == stream
     assert ax.status(task)["state"] == "done"
     assert not {"hard", "soft", "newfile"} & tasks(ax)
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_truncating_a_control_file_to_zero_is_harmless(ax: Mount) -> None:
     task = new_task(ax, max_tokens=2)
     ax.wait_state(task, "done")
@@ -253,7 +252,7 @@ def test_truncating_a_control_file_to_zero_is_harmless(ax: Mount) -> None:
 # -- readers killed midway ---------------------------------------------------------------
 
 
-@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize("how", ["sigkill", "sigpipe"])
 def test_a_cat_killed_midway_leaves_the_task_and_other_readers_alone(ax: Mount, how: str) -> None:
     task = new_task(ax, max_tokens=4000, temperature=0)
@@ -286,7 +285,7 @@ def _truncated(d: Path, model: Path) -> Path:
     return d / "half.gguf"
 
 
-@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize(("kind", "words"), [("missing", "does not exist"),
                                              ("not-gguf", "not a GGUF file"),
                                              ("truncated", "could not load")])

@@ -14,7 +14,17 @@ def test_defaults_render_every_key() -> None:
     text = TaskConfig(model="m").render()
     keys = [line.split(" ", 1)[0] for line in text.splitlines()]
     assert keys == ["model", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop",
-                    "priority", "chat"]
+                    "priority", "chat", "format", "deadline"]
+
+
+def test_format_and_deadline_parse_and_round_trip() -> None:
+    c = TaskConfig(model="m").updated("format json\ndeadline 2.5\n", MODELS)
+    assert c.format == "json" and c.deadline == 2.5 and c.sampling().grammar
+    assert TaskConfig(model="m").updated(c.render(), MODELS) == c
+    assert not TaskConfig(model="m").sampling().grammar
+    for bad in ("format yaml", "deadline -1", "deadline soon"):
+        with pytest.raises(BadInput):
+            TaskConfig(model="m").updated(bad, MODELS)
 
 
 def test_update_sets_named_keys_only() -> None:

@@ -14,7 +14,7 @@ import pytest
 from mount.cli import pid_file, process_alive
 from tests.conftest import AXFS, REPO, mount, umount
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 
 def is_mounted(path: Path) -> bool:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import REPO, Mount
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 EXAMPLES = REPO / "tools" / "examples"
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import Mount, mounted
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 
 @pytest.fixture(scope="module")

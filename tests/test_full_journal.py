@@ -11,7 +11,11 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Mount, fill, mount, umount
+
+pytestmark = pytest.mark.mount
 
 PROMPT = "a prompt long enough to take room in the journal " * 20
 

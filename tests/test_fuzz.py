@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import Mount, mounted
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 BUDGET_S = 30.0
 MAX_EXAMPLES = 2000
@@ -39,7 +39,8 @@ EXPECTED = frozenset({
     errno.EDQUOT, errno.ENOSPC, errno.ENAMETOOLONG, errno.EXDEV, errno.ELOOP, errno.EINTR,
 })
 ROOT = {"README", "models", "tasks", "memory", "sched", "trace", "devices", "replay", "users"}
-TASK_FILES = {"prompt", "stream", "status", "config", "ctl", "fork", "error"}
+TASK_FILES = {"prompt", "stream", "status", "config", "ctl", "fork", "error", "timeline",
+              "schema", "grammar"}
 STATES = {"draft", "queued", "running", "preempted", "done", "failed", "killed"}
 
 _names = st.sampled_from(["new", "latest", "f1", "f2", "1", "2", "3", "10", "bad name", "..",

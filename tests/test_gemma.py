@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import Mount, mounted
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +35,14 @@ def test_greedy_continuation_is_sensible(gemma: Mount) -> None:
     assert "Paris" in out or "capital" in out, out
     info = gemma.read("models/gemma-3-270m-q4_k_m/info")
     assert "architecture gemma3\n" in info and "Q4_K" in info
+
+
+def test_format_json_output_parses_with_jq(gemma: Mount) -> None:
+    gemma.sh("mkdir tasks/classify && printf 'format json\\nmax_tokens 300\\ntemperature 0\\n' "
+             "> tasks/classify/config && echo 'Classify this log line as info, warn or error, "
+             "as JSON with keys level and reason: disk /dev/sda1 is 97% full' "
+             "> tasks/classify/prompt")
+    gemma.wait_state("classify", "done", timeout=120)
+    assert gemma.status("classify")["finish_reason"] == "eos"
+    out = gemma.sh("jq -c . tasks/classify/stream").stdout
+    assert out.startswith("{")

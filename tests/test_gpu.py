@@ -17,7 +17,8 @@ import drivers.llamacpp as llamacpp
 from drivers import devices
 from drivers.base import Piece, Sampling
 from drivers.gguf import read_header, read_info
-from drivers.llamacpp import LlamaCppDriver, kv_cell_bytes
+from drivers.llamacpp import LlamaCppDriver
+from drivers.llamalib import kv_cell_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 

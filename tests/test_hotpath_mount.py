@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TINY_CTX, Mount, mounted
+
+pytestmark = pytest.mark.mount
 
 PROMPTS = [f"stream {i}: the quick brown fox" for i in range(16)]
 
@@ -29,7 +33,7 @@ def test_greedy_text_is_the_same_with_and_without_overlap(tiny_model: Path, tmp_
     # One slot, first come first served: each task is decoded alone, in the same order,
     # both times. With tasks sharing steps the text would depend on which step each
     # joined (a matter of timing), since even the tiny model's logits may differ in their
-    # last bits between batch sizes (README, Replay). tests/test_overlap.py compares 16
+    # last bits between batch sizes (docs/design.md, Replay). tests/test_overlap.py compares 16
     # tasks sharing steps with the fake driver, whose tokens do not depend on the batch.
     texts = {}
     for overlap in ("on", "off"):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import errno
+import os
+import threading
+import time
 from pathlib import Path
 
 import msgpack
@@ -14,7 +17,7 @@ from axfs.journal import NAME, Journal
 from axfs.kernel import Kernel
 from axfs.persist import Keeper, Retention
 from axfs.task import State, Task
-from tests.fakes import FakeDriver
+from tests.fakes import FakeDriver, local
 from tests.test_sched import run_until, start
 
 
@@ -53,8 +56,8 @@ async def test_finished_tasks_come_back_as_they_were(tmp_path: Path) -> None:
 async def test_unfinished_tasks_run_on_from_their_tokens(tmp_path: Path) -> None:
     k = kernel(tmp_path)
     k.restore()
-    assert isinstance(k.driver, FakeDriver)
-    k.driver.step_delay = 0.002
+    assert isinstance(local(k).driver, FakeDriver)
+    local(k).driver.step_delay = 0.002
     long = await start(k, 1, "a", max_tokens=300, temperature=0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(k.run)
@@ -161,3 +164,63 @@ async def test_a_queued_tasks_new_config_and_a_kill_are_on_disk_when_the_write_r
     again = k2.get(queued.id)
     assert (again.config.max_tokens, again.config.seed) == (7, 5)
     assert k2.get(doomed.id).state is State.KILLED
+
+
+def test_submissions_that_arrive_together_share_one_fsync(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.02)  # a disk's flush: the other submissions queue meanwhile
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    threads = [threading.Thread(target=journal.commit, args=({"t": "task", "id": str(i)},))
+               for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    journal.close()
+    assert journal.records == 40 and 2 <= journal.syncs <= 20
+    with open(journal.path, "rb") as f:
+        ids = sorted(int(r["id"]) for r in msgpack.Unpacker(f, raw=False))
+    assert ids == list(range(40))
+
+
+def test_a_group_that_cannot_be_written_is_refused_whole(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = Journal(tmp_path)
+    journal.commit({"t": "task", "id": "kept"})
+    size = journal.path.stat().st_size
+    real_fsync, failed = os.fsync, threading.Event()
+
+    def full(fd: int) -> None:
+        time.sleep(0.02)
+        if not failed.is_set():
+            failed.set()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    errors: list[str] = []
+
+    def submit(i: int) -> None:
+        try:
+            journal.commit({"t": "task", "id": str(i)})
+        except OSError as e:
+            errors.append(str(i) if e.errno == errno.ENOSPC else repr(e))
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    journal.close()
+    with open(journal.path, "rb") as f:
+        kept = [r["id"] for r in msgpack.Unpacker(f, raw=False)]
+    assert errors and all(e.isdigit() for e in errors)
+    assert sorted(kept[1:] + errors, key=int) == [str(i) for i in range(10)]  # each once
+    assert kept[0] == "kept" and journal.path.stat().st_size > size

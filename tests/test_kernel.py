@@ -8,9 +8,10 @@ import pytest
 import trio
 
 from axfs.errors import BadInput, Busy, TooLarge
-from axfs.kernel import MAX_PROMPT_BYTES, Kernel
+from axfs.kernel import Kernel
+from axfs.quota import Limits
 from axfs.task import State, Task
-from tests.fakes import EOG, FakeDriver
+from tests.fakes import EOG, FakeDriver, local
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ async def test_a_task_streams_the_driver_tokens_and_ends(kernel: Kernel) -> None
     await wait_done(task)
     assert task.output.decode() == "bcdef"
     assert (task.state, task.finish_reason) == (State.DONE, "length")
-    assert kernel.kv.stats().slots_running == 0
+    assert local(kernel).kv.stats().slots_running == 0
 
 
 async def test_echo_newline_is_dropped_and_latest_follows_the_user(kernel: Kernel) -> None:
@@ -57,7 +58,7 @@ async def test_echo_newline_is_dropped_and_latest_follows_the_user(kernel: Kerne
         (b"\n", BadInput, "empty"),
         (b"a\0b", BadInput, "NUL"),
         (b"\xff\xfe", BadInput, "UTF-8"),
-        (b"x" * (MAX_PROMPT_BYTES + 1), TooLarge, "over"),
+        (b"x" * (Limits().prompt_bytes + 1), TooLarge, "over"),
     ],
 )
 async def test_bad_prompts_are_refused_and_traced(kernel: Kernel, data: bytes,
@@ -136,8 +137,8 @@ async def test_kill_ends_a_running_task_and_frees_its_sequence(kernel: Kernel) -
     kernel.control(task, "kill\n")
     assert (task.state, task.finish_reason) == (State.KILLED, "killed")
     await trio.sleep(0.05)
-    assert kernel.kv.stats().slots_running == 0
-    assert not kernel.driver.open  # type: ignore[attr-defined]
+    assert local(kernel).kv.stats().slots_running == 0
+    assert not local(kernel).driver.open  # type: ignore[attr-defined]
 
 
 async def test_kill_of_a_queued_task(kernel: Kernel) -> None:
@@ -147,7 +148,7 @@ async def test_kill_of_a_queued_task(kernel: Kernel) -> None:
 
 
 async def test_driver_error_fails_the_step_tasks_and_the_engine_goes_on(kernel: Kernel) -> None:
-    kernel.driver.fail_next = "boom"  # type: ignore[attr-defined]
+    local(kernel).driver.fail_next = "boom"  # type: ignore[attr-defined]
     bad = await submit(kernel, "a")
     await wait_done(bad)
     assert bad.state is State.FAILED and "boom" in bad.error

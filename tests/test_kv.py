@@ -14,7 +14,7 @@ from axfs.kernel import Kernel
 from axfs.kv import WAIT_GAIN, KVManager, common_prefix
 from axfs.swap import SwapSpace
 from axfs.task import State, Task
-from tests.fakes import FakeDriver, GatedDriver, run_steps, settle
+from tests.fakes import FakeDriver, GatedDriver, local, run_steps, settle
 from tests.test_sched import run_until, start
 
 
@@ -38,14 +38,14 @@ def test_shared_cells_count_once_and_go_with_their_last_holder() -> None:
     adm = kv.plan(a)
     assert adm is not None and adm.source is None
     kv.commit(adm)
-    kv.grow(a.seq or 0, 100)
+    kv.blocks.grow(a.seq or 0, 100)
     a.num_cached = 100
     b = made([*range(1, 61), 500, 501])
     adm = kv.plan(b)
     assert adm is not None and adm.source == a.seq and adm.prefix == 60
     kv.commit(adm)
     assert b.num_cached == 60 and kv.used_cells == 100  # the copy costs no cells
-    kv.grow(b.seq or 0, 2)
+    kv.blocks.grow(b.seq or 0, 2)
     stats = kv.stats()
     assert stats.used_cells == 102 and stats.running_cells == 102 and stats.cached_cells == 0
     assert kv.release(a, cache=True) == []  # a stays cached
@@ -62,7 +62,7 @@ def test_a_full_cache_evicts_the_least_recently_used_cached_sequence() -> None:
         adm = kv.plan(t)
         assert adm is not None
         kv.commit(adm)
-        kv.grow(t.seq or 0, 100)
+        kv.blocks.grow(t.seq or 0, 100)
         t.num_cached = 100
         kv.release(t, cache=True)
     third = made([3] * 150, 0)
@@ -101,7 +101,7 @@ async def finish(k: Kernel, prompt: str, max_tokens: int = 5, uid: int = 1) -> T
 async def test_a_prompt_that_begins_like_an_ended_one_copies_its_prefix(kernel: Kernel) -> None:
     system = "system: be brief. " * 5
     first = await finish(kernel, system + "question one")
-    driver = kernel.driver
+    driver = local(kernel).driver
     assert isinstance(driver, FakeDriver)
     steps = len(driver.steps)
     second = await finish(kernel, system + "question two")
@@ -110,9 +110,9 @@ async def test_a_prompt_that_begins_like_an_ended_one_copies_its_prefix(kernel: 
     fed = sum(len(p.tokens) for step in driver.steps[steps:] for p in step)
     assert fed == len("two") + 4  # the rest of the prompt, then one token a step
     assert first.output == b"fghij" and second.output == b"pqrst"  # the fake's next letters
-    mem = kernel.kv.counters
+    mem = local(kernel).kv.counters
     assert mem.prefix_hits == 1 and mem.prefix_tokens == len(system + "question ")
-    stats = kernel.kv.stats()
+    stats = local(kernel).kv.stats()
     assert stats.used_cells == stats.running_cells + stats.cached_cells
     assert stats.slots_cached == 2
     assert "PrefixHits:" in views.memory(kernel) and "KVCached:" in views.memory(kernel)
@@ -154,7 +154,7 @@ async def test_prefix_cache_off_copies_nothing() -> None:
         await finish(k, "the same long prompt, twice")
         second = await finish(k, "the same long prompt, twice")
         nursery.cancel_scope.cancel()
-    assert second.prefix_reused == 0 and k.kv.stats().slots_cached == 0
+    assert second.prefix_reused == 0 and local(k).kv.stats().slots_cached == 0
 
 
 async def test_fork_continues_the_parent_and_shares_its_cells(kernel: Kernel) -> None:
@@ -180,7 +180,7 @@ async def test_a_fork_of_a_running_task_waits_for_it(kernel: Kernel) -> None:
 async def test_a_fork_of_a_failed_task_fails_with_the_reason(kernel: Kernel) -> None:
     parent = await start(kernel, 1, "doomed", max_tokens=200)
     child = await kernel.fork(parent, 1, 1, b"next")
-    kernel.engine.end(parent, State.FAILED, "error", "model error: boom")
+    local(kernel).engine.end(parent, State.FAILED, "error", "model error: boom")
     assert child.state is State.FAILED and "boom" in child.error
 
 
@@ -188,17 +188,17 @@ async def test_preempted_state_beyond_the_memory_budget_goes_to_disk(tmp_path: P
     driver = FakeDriver(n_seq_max=1, n_ctx=1 << 16)
     driver.step_delay = 0.002
     k = Kernel(driver, swap=SwapSpace(0, tmp_path / "swap"))
-    k.scheduler.costs.prefill_s_per_token = 1.0  # saving is always cheaper: keep KV
+    local(k).scheduler.costs.prefill_s_per_token = 1.0  # saving is always cheaper: keep KV
     async with trio.open_nursery() as nursery:
         nursery.start_soon(k.run)
         hog = await start(k, 1, "a" * 100, max_tokens=300)
         await run_until(k, lambda: hog.num_generated > 10)
         guest = await start(k, 2, "b", max_tokens=5)
-        await run_until(k, lambda: k.engine.swap.disk_count == 1)
+        await run_until(k, lambda: local(k).engine.swap.disk_count == 1)
         assert list((tmp_path / "swap").iterdir()) == [tmp_path / "swap" / f"{hog.id}.kv"]
         await run_until(k, lambda: guest.finished and hog.finished, limit=20)
         nursery.cancel_scope.cancel()
-    swap = k.engine.swap
+    swap = local(k).engine.swap
     assert swap.outs >= 1 and swap.ins >= 1 and swap.disk_count == 0 and swap.disk_bytes == 0
     assert not list((tmp_path / "swap").iterdir())
     assert hog.num_preempted >= 1 and hog.state is State.DONE and hog.num_generated == 300
@@ -213,7 +213,7 @@ def test_cached_cells_past_the_limit_go_oldest_first_but_the_newest_stays() -> N
         adm = kv.plan(t)
         assert adm is not None
         kv.commit(adm)
-        kv.grow(t.seq or 0, 100)
+        kv.blocks.grow(t.seq or 0, 100)
         t.num_cached = 100
         evicted.append(kv.release(t, cache=True))
     assert [len(e) for e in evicted] == [0, 1, 1] and kv.stats().cached_cells == 100
@@ -222,6 +222,6 @@ def test_cached_cells_past_the_limit_go_oldest_first_but_the_newest_stays() -> N
     adm = kv.plan(big)
     assert adm is not None
     kv.commit(adm)
-    kv.grow(big.seq or 0, 400)
+    kv.blocks.grow(big.seq or 0, 400)
     big.num_cached = 400
     assert len(kv.release(big, cache=True)) == 1 and kv.stats().cached_cells == 400  # over, kept

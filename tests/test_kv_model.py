@@ -2,7 +2,7 @@
 from scratch gives (greedy), and the manager's cell counts agree with llama.cpp's.
 
 Each comparison runs its tasks one at a time, so that every sequence is decoded alone
-both ways: a sequence decoded inside a batch may differ in its last bits (README, Replay).
+both ways: a sequence decoded inside a batch may differ in its last bits (docs/design.md, Replay).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from axfs.kernel import Kernel
 from axfs.swap import SwapSpace
 from axfs.task import State, Task
 from drivers.llamacpp import LlamaCppDriver
+from tests.fakes import local
 from tests.test_sched import run_until, start
 
 SYSTEM = ("You are a helpful assistant. Answer in one short sentence, and never use more "
@@ -95,18 +96,18 @@ async def test_cell_counts_agree_with_llama_cpp(tiny_model: Path) -> None:
         first = await done(k, SYSTEM + "first")
         second = await done(k, SYSTEM + "second", max_tokens=40)
         await trio.sleep(0.1)  # the engine is idle: nothing runs
-        driver = k.driver
+        driver = local(k).driver
         assert isinstance(driver, LlamaCppDriver)
-        slots = k.kv.cached_slots()
+        slots = local(k).kv.cached_slots()
         assert len(slots) == 2 and first.seq is None and second.seq is None
         for slot in slots:
-            assert k.kv.cells(slot) == driver.seq_cells(slot) > 0
+            assert local(k).kv.cells(slot) == driver.seq_cells(slot) > 0
         shared = second.prefix_reused
         assert shared > 0
-        stats = k.kv.stats()
+        stats = local(k).kv.stats()
         assert stats.used_cells == stats.running_cells + stats.cached_cells
         assert stats.running_cells == 0
-        assert stats.used_cells == sum(k.kv.cells(s) for s in slots) - shared
+        assert stats.used_cells == sum(local(k).kv.cells(s) for s in slots) - shared
 
 
 async def test_swapped_out_to_disk_and_back_gives_the_uninterrupted_text(
@@ -115,12 +116,12 @@ async def test_swapped_out_to_disk_and_back_gives_the_uninterrupted_text(
         alone = await done(k, "the first word", max_tokens=300)
     async with kernel(tiny_model, slots=1, prefix_cache=False,
                       swap=SwapSpace(0, tmp_path / "swap")) as k:
-        k.scheduler.costs.prefill_s_per_token = 1.0  # always keep the KV: swap, not recompute
+        local(k).scheduler.costs.prefill_s_per_token = 1.0  # always keep the KV: swap, not recompute
         hog = await start(k, 1, "the first word", max_tokens=300, temperature=0)
         await run_until(k, lambda: hog.num_generated > 50, limit=60)
         await done(k, "hello", max_tokens=10, priority=10000)
         await run_until(k, lambda: hog.finished, limit=60)
-        swap = k.engine.swap
+        swap = local(k).engine.swap
     assert hog.num_preempted >= 1 and swap.outs >= 1 and swap.ins >= 1
     assert swap.out_bytes > 0 and swap.disk_count == 0
     assert hog.output_tokens == alone.output_tokens

@@ -17,8 +17,6 @@ from axfs import userfiles
 from axfs.errors import BadInput
 from tests.conftest import Mount
 
-needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
-
 
 def unblock(fifo: Path) -> None:
     """Open the FIFO for writing, should anything wait on it for a writer (the daemon did)."""
@@ -30,7 +28,7 @@ def last_reject(ax: Mount) -> str:
     return [line for line in ax.read("trace").splitlines() if " reject " in line][-1]
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_a_fifo_linked_into_models_is_refused_while_the_tree_answers(ax: Mount,
                                                                      tmp_path: Path) -> None:
     fifo = tmp_path / "f.gguf"
@@ -47,7 +45,7 @@ def test_a_fifo_linked_into_models_is_refused_while_the_tree_answers(ax: Mount,
     assert "ff" not in os.listdir(ax.path / "models")
 
 
-@needs_fuse
+@pytest.mark.mount
 @pytest.mark.parametrize(("target", "kind"), [("/dev/zero", "a character device"),
                                               ("/dev/null", "a character device"),
                                               ("{dir}", "a directory"),
@@ -66,7 +64,7 @@ def test_anything_but_a_regular_file_is_refused_with_what_it_is(ax: Mount, tmp_p
     assert "is empty" not in last_reject(ax)
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_a_file_of_the_tree_itself_is_read_without_deadlock(ax: Mount) -> None:
     """The daemon reading its own mount: only possible off the trio thread, which
     answers that read."""
@@ -76,7 +74,7 @@ def test_a_file_of_the_tree_itself_is_read_without_deadlock(ax: Mount) -> None:
     assert ax.sh("timeout 5 cat memory").returncode == 0
 
 
-@needs_fuse
+@pytest.mark.mount
 def test_a_registered_file_replaced_by_a_fifo_does_not_block_info(ax: Mount, tiny_model: Path,
                                                                   tmp_path: Path) -> None:
     path = tmp_path / "swap.gguf"

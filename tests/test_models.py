@@ -114,8 +114,8 @@ async def test_a_restored_task_waits_for_its_model_to_load() -> None:
     task = Task("7", 0, 0, k.defaults.copy())
     task.config.model = "other"
     task.submit("ab", [ord("a"), ord("b")])
-    k.adopt(task)
-    k.resume(task, [ord("c")])  # before the kernel runs: the model loads when it starts
+    k.table.adopt(task)
+    k.restorer.resume(task, [ord("c")])  # before the kernel runs: the model loads when it starts
     assert "other" not in k.runtimes
     async with trio.open_nursery() as nursery:
         nursery.start_soon(k.run)

@@ -14,6 +14,8 @@ from drivers.llamacpp import LlamaCppDriver
 from tests.conftest import TINY_CTX, Mount, mounted
 from tests.tinymodel import CHATML_TEMPLATE, write_tiny_gguf
 
+pytestmark = pytest.mark.mount
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

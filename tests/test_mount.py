@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import Mount
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 
 def new_task(ax: Mount, prompt: str = "hello world", **config: object) -> str:
@@ -217,6 +217,21 @@ def test_memory_devices_and_model_info(ax: Mount) -> None:
     info = dict(line.split(" ", 1) for line in ax.read("models/tiny/info").splitlines())
     assert info["architecture"] == "llama" and info["loaded"] == "yes"
     assert int(info["context_length"]) == 65536
+
+
+def test_timeline_says_what_happened_to_the_task(ax: Mount) -> None:
+    task = new_task(ax, max_tokens=3, temperature=0)
+    ax.sh(f"cat tasks/{task}/stream > /dev/null")
+    ax.wait_state(task, "done")
+    assert "timeline" in ax.sh(f"ls tasks/{task}").stdout.split()
+    timeline = ax.read(f"tasks/{task}/timeline")
+    assert timeline.startswith(f"task {task}\n") and "done reason=length" in timeline
+    assert " submit" in timeline and " first_token" in timeline
+    assert timeline == ax.read(f"replay/{task}/timeline")
+    assert os.stat(ax.path / f"tasks/{task}/timeline").st_size == len(timeline.encode())
+    done = ax.sh(f"echo x > tasks/{task}/timeline", check=False)
+    assert done.returncode != 0 and "Permission denied" in done.stderr
+    assert "tasks/ID/timeline" in ax.read("README")
 
 
 def test_status_shows_kv_use_while_running(ax: Mount) -> None:

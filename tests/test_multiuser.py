@@ -71,6 +71,7 @@ def test_a_task_is_its_owners_only(mu: Mount) -> None:
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (B, 0o700)
     modes = {f: stat.S_IMODE((d / f).stat().st_mode) for f in os.listdir(d)}
     assert modes == {"prompt": 0o400, "stream": 0o400, "status": 0o400, "error": 0o400,
+                     "timeline": 0o400, "schema": 0o400, "grammar": 0o400,  # drafts only: 0o600
                      "config": 0o600, "ctl": 0o600, "fork": 0o600}
     assert all((d / f).stat().st_uid == B for f in modes)
     # The owner reads everything.

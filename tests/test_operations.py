@@ -16,6 +16,8 @@ from axfs.fs.operations import Operations
 from axfs.kernel import Kernel
 from tests.fakes import FakeDriver
 
+pytestmark = pytest.mark.adapter
+
 
 @dataclass
 class Ctx:
@@ -132,7 +134,7 @@ async def test_readdir_lists_the_tree(ops: Operations, monkeypatch: pytest.Monke
                               b"devices", b"replay", b"users"}),
                         ("tasks", {b"new", b"latest", b"1"}),
                         ("tasks/1", {b"prompt", b"stream", b"status", b"config", b"ctl", b"fork",
-                                     b"error"}),
+                                     b"error", b"timeline", b"schema", b"grammar"}),
                         ("models", {b"fake"})]:
         seen.clear()
         ino = await path_ino(ops, path) if path else pyfuse3.ROOT_INODE
@@ -150,3 +152,34 @@ async def test_unlink_in_a_task_succeeds_so_rm_r_reaches_rmdir(ops: Operations) 
     assert "1" not in ops.kernel.tasks
     assert await errno_of(ops.getattr(task_ino, CTX)) == errno.ENOENT  # type: ignore[arg-type]
     assert await errno_of(ops.unlink(pyfuse3.ROOT_INODE, b"memory", CTX)) == errno.EPERM  # type: ignore[arg-type]
+
+
+async def test_readme_has_a_line_for_everything_the_tree_lists(ops: Operations,
+                                                               monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    seen: list[bytes] = []
+    monkeypatch.setattr(pyfuse3, "readdir_reply",
+                        lambda token, name, attrs, next_id: seen.append(name) or True)
+    await write_file(ops, "tasks/new", b"a")
+    readme = (await read_file(ops, "README")).decode()
+    words = {"tasks": "ID", "replay": "ID", "models": "NAME", "users": "UID"}
+    paths, found = [""], []
+    while paths:
+        path = paths.pop()
+        seen.clear()
+        fh = await ops.opendir(await path_ino(ops, path) if path else pyfuse3.ROOT_INODE, CTX)  # type: ignore[arg-type]
+        await ops.readdir(fh, 0, None)  # type: ignore[arg-type]
+        await ops.releasedir(fh)
+        for name in [n.decode() for n in seen]:
+            full = f"{path}/{name}".lstrip("/")
+            attrs = await ops.lookup(await path_ino(ops, path) if path else pyfuse3.ROOT_INODE,
+                                     name.encode(), CTX)  # type: ignore[arg-type]
+            parts = full.split("/")
+            if len(parts) > 1 and parts[0] in words and parts[1] not in ("new", "latest"):
+                parts[1] = words[parts[0]]
+            shown = "/".join(parts) + ("/" if stat.S_ISDIR(attrs.st_mode) else "")
+            found.append(shown)
+            assert f"\n{shown} " in readme, shown
+            if stat.S_ISDIR(attrs.st_mode):
+                paths.append(full)
+    assert "tasks/ID/timeline" in found and "models/NAME/info" in found and "users/UID" in found

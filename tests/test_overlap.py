@@ -12,15 +12,15 @@ import trio
 
 from axfs.kernel import Kernel
 from axfs.task import State, Task
-from tests.fakes import FakeDriver, GatedDriver, run_steps, settle, step_in_flight
+from tests.fakes import FakeDriver, GatedDriver, local, run_steps, settle, step_in_flight
 
 
 def check_kv(k: Kernel, driver: GatedDriver) -> None:
     """What the KV manager counts is what the model holds, slot by slot."""
-    stats = k.kv.stats()
+    stats = local(k).kv.stats()
     assert stats.used_cells == stats.running_cells + stats.cached_cells
     for slot in range(driver.shape.n_seq_max):
-        assert k.kv.cells(slot) == driver.positions.get(slot, 0), slot
+        assert local(k).kv.cells(slot) == driver.positions.get(slot, 0), slot
 
 
 @pytest.fixture
@@ -55,9 +55,9 @@ async def test_a_task_killed_while_the_next_step_runs_keeps_its_text_and_frees_i
     k.kill(task)
     assert task.state is State.KILLED and task.output == b"bcde"
     driver.gate.release()
-    await settle(driver, lambda: k.kv.stats().slots_running == 0)
+    await settle(driver, lambda: local(k).kv.stats().slots_running == 0)
     assert task.output == b"bcde" and task.num_generated == 4  # the 5th step's token is dropped
-    assert k.kv.stats().slots_cached == 0  # its cells may hold that token: not cached
+    assert local(k).kv.stats().slots_cached == 0  # its cells may hold that token: not cached
     check_kv(k, driver)
 
 
@@ -83,14 +83,14 @@ async def test_ends_known_without_text_take_no_extra_step(gated: tuple[Kernel, G
     assert (task.output, task.finish_reason) == (b"klm", "length")
     fed = [t for s in driver.steps for p in s if p.seq == 0 for t in p.tokens]
     assert bytes(fed) == b"abcdefghijkl"  # "m" is never fed: no step is spent past the end
-    assert k.kv.stats().slots_cached == 1  # cached for prompts that begin the same way
+    assert local(k).kv.stats().slots_cached == 1  # cached for prompts that begin the same way
     check_kv(k, driver)
 
 
 async def test_a_task_preempted_while_its_text_is_pending_resumes_with_it(
         gated: tuple[Kernel, GatedDriver]) -> None:
     k, driver = gated
-    k.scheduler.quantum = k.scheduler.min_turn = 2
+    local(k).scheduler.quantum = local(k).scheduler.min_turn = 2
     hogs = [await submit(k, "a", uid=1, max_tokens=12) for _ in range(4)]
     await run_steps(driver, 3)
     newcomer = await submit(k, "m", uid=2, max_tokens=4)
@@ -123,6 +123,6 @@ async def test_the_same_tokens_with_and_without_overlap(overlap: bool) -> None:
 def test_overlap_by_default_only_where_the_model_runs_on_a_gpu() -> None:
     on_cpu, on_gpu = FakeDriver(), FakeDriver()
     on_gpu.info.extra["gpu_layers"] = "19"
-    assert not Kernel(on_cpu).engine.overlap and Kernel(on_gpu).engine.overlap
-    assert Kernel(FakeDriver(), overlap=True).engine.overlap
-    assert not Kernel(on_gpu, overlap=False).engine.overlap
+    assert not local(Kernel(on_cpu)).engine.overlap and local(Kernel(on_gpu)).engine.overlap
+    assert local(Kernel(FakeDriver(), overlap=True)).engine.overlap
+    assert not local(Kernel(on_gpu, overlap=False)).engine.overlap

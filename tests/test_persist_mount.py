@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import Mount, mount, umount
 from tests.tinymodel import write_tiny_gguf
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 
 def up(base: Path, model: Path, *extra: str) -> tuple[Mount, int]:
@@ -75,7 +75,7 @@ def test_restart_keeps_every_task_and_runs_on_the_unfinished(tiny_model: Path, t
 
 def test_sigkill_loses_nothing(tiny_model: Path, tmp_path: Path) -> None:
     """16 tasks, one at a time (fifo, one slot), so that each is decoded alone both ways:
-    decoded in a batch, a sequence's last bits can differ from decoded alone (README, Replay)."""
+    decoded in a batch, a sequence's last bits can differ from decoded alone (docs/design.md, Replay)."""
     names = [f"s{i}" for i in range(16)]
     ref, _ = up(tmp_path / "ref", tiny_model, *ALONE)
     try:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Mount, mounted
+
+pytestmark = pytest.mark.mount
 
 SHARED = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(160))
 

@@ -1,4 +1,4 @@
-"""What one user sees of another's work on a --multi-user tree (README, "Many users").
+"""What one user sees of another's work on a --multi-user tree (docs/tree.md, "Many users").
 
 Root and uid 1001 each write a secret into every field a user can write (a task name,
 the prompt, every config value, stop strings, fork text, refused config, ctl, mkdir and
@@ -21,6 +21,8 @@ import pytest
 
 from tests.conftest import TINY_CTX, Mount, mounted
 from tests.test_multiuser import as_user, needs_users
+
+pytestmark = pytest.mark.mount
 
 USER = 1001
 # Numbers written as config values: root's and the user's (distinct from each other

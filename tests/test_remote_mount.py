@@ -6,8 +6,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import mounted
 from tests.servers import binary_or_skip, llama_server
+
+pytestmark = [pytest.mark.mount, pytest.mark.server]
 
 
 def test_remote_model_streams_spreads_and_fails_over(tiny_model: Path, tmp_path: Path) -> None:
@@ -30,7 +34,7 @@ def test_remote_model_streams_spreads_and_fails_over(tiny_model: Path, tmp_path:
                   if line.startswith("endpoint ")]
         assert len(served) == 2 and all("served=0" not in line for line in served), served
         # A long task; its endpoint dies in the middle; it finishes on the other one.
-        ax.sh("mkdir tasks/long && printf 'model far\\nmax_tokens 400\\ntemperature 0\\n"
+        ax.sh("mkdir tasks/long && printf 'model far\\nmax_tokens 4000\\ntemperature 0\\n"
               "stop\\n' > tasks/long/config && echo 'one two three' > tasks/long/prompt")
         deadline = time.monotonic() + 30
         while int(ax.status("long")["generated_tokens"]) < 20:

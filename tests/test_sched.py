@@ -10,7 +10,7 @@ import trio
 from axfs.fs import views
 from axfs.kernel import Kernel
 from axfs.task import State, Task
-from tests.fakes import FakeDriver
+from tests.fakes import FakeDriver, local
 
 
 async def start(k: Kernel, uid: int, prompt: str = "a", **config: object) -> Task:
@@ -69,8 +69,8 @@ async def test_a_second_user_is_not_starved_and_preempts_with_state_kept(kernel1
     await run_until(kernel1, lambda: guest.finished, limit=2)
     assert guest.state is State.DONE and guest.output.decode() == "bcdefghijk"
     assert any(t.num_preempted for t in hog)
-    assert kernel1.driver.saves >= 1  # type: ignore[attr-defined]
-    assert kernel1.scheduler.num_preemptions >= 1
+    assert local(kernel1).driver.saves >= 1  # type: ignore[attr-defined]
+    assert local(kernel1).scheduler.num_preemptions >= 1
     assert "preempt" in kernel1.trace.read(0, 1 << 22)[0].decode()
 
 
@@ -86,7 +86,7 @@ async def test_preempted_task_continues_exactly_where_it_stopped(kernel1: Kernel
 
 async def test_recompute_when_it_is_cheaper_gives_the_same_text() -> None:
     k = Kernel(FakeDriver(n_seq_max=1, n_ctx=1 << 20))
-    k.scheduler.costs.prefill_s_per_token = 1e-12  # recomputing is nearly free: drop the KV
+    local(k).scheduler.costs.prefill_s_per_token = 1e-12  # recomputing is nearly free: drop the KV
     first = await start(k, 1, max_tokens=200)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(k.run)
@@ -97,7 +97,7 @@ async def test_recompute_when_it_is_cheaper_gives_the_same_text() -> None:
     assert first.num_preempted >= 1
     expected = "".join(chr(ord("a") + (i + 1) % 26) for i in range(200))
     assert first.output.decode() == expected
-    prefills = [p for step in k.driver.steps for p in step if len(p.tokens) > 1]  # type: ignore[attr-defined]
+    prefills = [p for step in local(k).driver.steps for p in step if len(p.tokens) > 1]  # type: ignore[attr-defined]
     assert prefills  # the history was fed again
 
 
@@ -111,7 +111,7 @@ async def test_fifo_policy_does_not_preempt() -> None:
         await run_until(k, lambda: guest.finished)
         nursery.cancel_scope.cancel()
     assert hog.finished and hog.finished_at <= guest.started_at
-    assert k.scheduler.num_preemptions == 0
+    assert local(k).scheduler.num_preemptions == 0
 
 
 async def test_admission_never_overcommits_the_kv_cache_under_a_burst() -> None:
@@ -124,7 +124,7 @@ async def test_admission_never_overcommits_the_kv_cache_under_a_burst() -> None:
         nursery.start_soon(k.run)
         with trio.fail_after(20):
             while not all(t.finished for t in tasks):
-                stats = k.kv.stats()
+                stats = local(k).kv.stats()
                 assert stats.used_cells + stats.growth_cells <= stats.capacity_cells
                 peak = max(peak, stats.used_cells)
                 # Not sleep(0): a loop that never sleeps keeps the GIL from the step's thread.
@@ -137,7 +137,7 @@ async def test_admission_never_overcommits_the_kv_cache_under_a_burst() -> None:
 async def test_sched_file_shows_policy_and_users(kernel1: Kernel) -> None:
     await start(kernel1, 1)
     await start(kernel1, 2)
-    await run_until(kernel1, lambda: kernel1.engine.num_steps > 50)
+    await run_until(kernel1, lambda: local(kernel1).engine.num_steps > 50)
     text = views.sched(kernel1)
     rows = dict(line.split(" ", 1) for line in text.splitlines())
     assert rows["policy"] == "fair" and rows["slots"] == "1" and rows["runnable"] == "2"
@@ -162,7 +162,7 @@ async def test_a_newcomer_aborts_a_slow_step_and_gets_a_first_token_step_alone()
         driver.step_delay = 0.0
         await run_until(k, lambda: guest.finished)
         nursery.cancel_scope.cancel()
-    assert driver.aborted >= 1 and k.engine.num_aborted >= 1
+    assert driver.aborted >= 1 and local(k).engine.num_aborted >= 1
     assert waited < 1.0  # it did not wait for the step in flight
     first_step = driver.steps[before]
     assert [p.seq for p in first_step] == [guest_seq(k, guest, first_step)]

@@ -23,11 +23,11 @@ import pytest
 from mount.cli import pid_file, process_alive
 from tests.conftest import AXFS, REPO, TINY_CTX, umount
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse")
+pytestmark = pytest.mark.mount
 
 UNITS = REPO / "mount"
 HELPER = REPO / "mount" / "mount.fuse.axfs"
-INSTALLED = "/usr/local/bin/axfs"  # where the units expect axfs (README: a symlink to .venv/bin/axfs)
+INSTALLED = "/usr/local/bin/axfs"  # where the units expect axfs (docs/tree.md, "systemd": .venv/bin/axfs)
 
 
 def unit_values(unit: Path, key: str) -> list[str]:

