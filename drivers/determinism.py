@@ -19,7 +19,10 @@ on where its KV cells sit, unless all of these hold:
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import struct
+import time
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -27,8 +30,12 @@ import llama_cpp as lc
 
 from drivers.base import DriverError, Piece, Sampling
 
+log = logging.getLogger(__name__)
+
 TILED_ENV = "GGML_CPU_TILED_MM"
 GGML_TYPE_BF16 = 30  # ggml.h's; llama-cpp-python does not export it
+# What newer llama.cpp builds write first in a sequence's state (its io_magic), then the seq_id
+STATE_MAGIC = 0xAF143CD8
 
 _decoded = False  # whether this process ran a decode (llama.cpp reads TILED_ENV once, then)
 # Texts decoded at load to check the mode (``check``)
@@ -168,20 +175,39 @@ class Placement(Unordered):
         """Pack every used cell to the cache's start, in the order they are in, shared
         cells still shared (llama.cpp's whole-cache save and restore does exactly that,
         ``seq_id`` -1), and pin them."""
+        began, before = time.monotonic(), self.top
         lc.llama_memory_seq_rm(self._mem, self._pin, -1, -1)  # dropped cells come free
-        size = lc.llama_state_seq_get_size(self._ctx, -1)
-        buf = (ctypes.c_uint8 * size)()
-        if lc.llama_state_seq_get_data(self._ctx, buf, size, -1) != size:
-            raise DriverError("llama.cpp could not save the KV cache to compact it")
-        if lc.llama_state_seq_set_data(self._ctx, buf, size, -1) == 0:
+        state = self.save()
+        if lc.llama_state_seq_set_data(self._ctx, state, len(state), -1) == 0:
             raise DriverError("llama.cpp could not restore the compacted KV cache")
         for seq in range(self._pin):
             lc.llama_memory_seq_cp(self._mem, seq, self._pin, -1, -1)
-        # The state begins with the first cache's stream count (1: one unified stream) and
-        # its stream's cell count: the cells live now, packed at the start.
-        streams, cells = int.from_bytes(bytes(buf[0:4]), "little"), bytes(buf[4:8])
-        self.top = int.from_bytes(cells, "little") if streams == 1 else self._n_ctx
+        self.top = live_cells(bytes(state[:16]))
+        log.info("KV cache compacted: %d of %d cells live, in %.0f ms", self.top, before,
+                 1000 * (time.monotonic() - began))
         self.dropped = 0
+
+    def save(self) -> ctypes.Array[ctypes.c_uint8]:
+        """The whole cache's state."""
+        size = lc.llama_state_seq_get_size(self._ctx, -1)
+        state: ctypes.Array[ctypes.c_uint8] = (ctypes.c_uint8 * size)()
+        if lc.llama_state_seq_get_data(self._ctx, state, size, -1) != size:
+            raise DriverError("llama.cpp could not save the KV cache to compact it")
+        return state
+
+
+def live_cells(head: bytes) -> int:
+    """The cells in use, from the first 16 bytes of a whole-cache state: after
+    STATE_MAGIC and the seq_id where the build writes them, the first cache's stream
+    count (one: a unified cache) and that stream's cell count. A compaction packs them
+    at the cache's start, so the next cell goes there."""
+    words = struct.unpack("<4I", head.ljust(16, b"\0")[:16])
+    if words[0] == STATE_MAGIC:
+        words = words[2:]
+    if words[0] != 1:
+        raise DriverError(f"llama.cpp's KV cache state begins {head[:8].hex()}: not a layout "
+                          "deterministic mode reads")
+    return int(words[1])
 
 
 class Probed(Protocol):
@@ -198,10 +224,18 @@ class Probed(Protocol):
     def tokenize(self, text: str, bos: bool = True, *, special: bool = False) -> list[int]: ...
 
 
-def check(mode: Mode, driver: Probed, n_seq_max: int) -> Mode:
-    """``mode`` once ``probe`` has checked it on ``driver``'s context (of ``n_seq_max``
-    sequences; with one, nothing is ever batched: not checked)."""
-    if not mode.deterministic or n_seq_max < 2:
+def check(mode: Mode, driver: Probed, order: Unordered, n_seq_max: int) -> Mode:
+    """``mode`` once checked on ``driver``'s context, whose cells ``order`` places: the
+    cache's state is one ``live_cells`` reads, and ``probe`` gives the same logits (with
+    one sequence, ``n_seq_max``, nothing is ever batched: no probe)."""
+    if not mode.deterministic or not isinstance(order, Placement):
+        return mode
+    try:
+        live_cells(bytes(order.save()[:16]))
+    except DriverError as e:
+        return Mode(False, f"checked at load: {e}; it runs with llama.cpp's default "
+                    "context settings")
+    if n_seq_max < 2:
         return mode
     return mode.checked(probe(driver, driver.tokenize(PROBE[0]), driver.tokenize(PROBE[1])))
 

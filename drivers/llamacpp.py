@@ -123,7 +123,7 @@ class LlamaCppDriver:
             device=self._device(gpu, offloaded, n_layer, threads),
             extra={"file_bytes": str(path.stat().st_size), "gpu_layers": str(offloaded)},
         )
-        tried, self.mode = self.mode, determinism.check(self.mode, self, self.shape.n_seq_max)
+        tried, self.mode = self.mode, determinism.check(self.mode, self, self._order, self.shape.n_seq_max)
         if tried.deterministic and not self.mode.deterministic:  # llama.cpp's default context
             lc.llama_batch_free(self._batch)
             lc.llama_free(self._ctx)

@@ -3,6 +3,7 @@ the journal, and replay's use of it (the real thing on Gemma: test_determinism_m
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import llama_cpp as lc
@@ -14,7 +15,7 @@ from axfs.kernel import Kernel
 from axfs.persist import Keeper
 from axfs.replay import timeline
 from drivers import determinism
-from drivers.base import Piece, Sampling
+from drivers.base import DriverError, Piece, Sampling
 from tests.fakes import FakeDriver
 from tests.test_sched import run_until, start
 
@@ -112,3 +113,11 @@ async def test_the_mode_a_task_ran_in_is_journaled_and_replay_uses_it(tmp_path: 
     assert result.startswith(f"mismatch mode: task {b.id} ran in deterministic mode, model ")
     assert "is now loaded not in deterministic mode" in result
     k3.close()
+
+
+def test_a_compaction_reads_the_live_cells_from_either_state_layout() -> None:
+    older = struct.pack("<4I", 1, 37, 0, 0)  # stream count, cell count, ...
+    newer = struct.pack("<Ii2I", determinism.STATE_MAGIC, -1, 1, 37)  # magic, seq_id first
+    assert determinism.live_cells(older) == determinism.live_cells(newer) == 37
+    with pytest.raises(DriverError, match="not a layout deterministic mode reads"):
+        determinism.live_cells(struct.pack("<4I", 2, 37, 0, 0))  # two streams: not unified
