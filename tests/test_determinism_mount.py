@@ -110,7 +110,7 @@ def test_tasks_that_ran_in_batches_replay_alone_to_the_same_tokens(gemma_model: 
         generated = {n: ax.status(n)["generated_tokens"] for n in everyone}
         assert results == {n: f"match {generated[n]} tokens\n" for n in everyone}
         assert "deterministic yes" in ax.read("replay/t5/timeline")
-        log = (tmp_path / "state/axfs.log").read_text()  # holes packed while tasks ran,
+        log = (tmp_path / "state/axfs.log").read_text()  # holes packed while tasks ran
         assert re.search(r"KV cache compacted: [1-9]\d* of ", log), log[-3000:]
         assert log.count("KV cache compacted") < 60  # now and then, not at every step
     finally:
