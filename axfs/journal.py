@@ -6,7 +6,8 @@ One append-only file, ``STATE_DIR/journal.msgpack``, a stream of msgpack maps:
 - ``{"t": "task", ...}`` when a task is submitted: id, owner, parameters, prompt text
   and tokens, parent, the model's sha256 (see ``task_record``);
 - ``{"t": "gen", "id", "k": [token ids]}`` the tokens a task generated since the last
-  such record, written at most ``interval`` seconds after they were generated;
+  such record, written at most ``interval`` seconds after they were generated; a remote
+  task's, whose ids are not known (-1 each), with ``"x"``: the bytes of its text they made;
 - ``{"t": "end", "id", "state", "reason", "error", "text", ...}`` when it ends, with the
   text of its stream and its timeline;
 - ``{"t": "rm", "id"}`` when it is removed.
@@ -34,6 +35,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,7 @@ def task_record(task: Task, model_sha: str) -> dict[str, Any]:
         "model_sha": model_sha, "deterministic": task.deterministic,
         **{k: getattr(task, k) for k in TIMES},
         **({"model_prompt": task.model_prompt} if task.model_prompt else {}),
+        **({"turns": [list(turn) for turn in task.turns]} if task.turns else {}),
     }
 
 
@@ -80,6 +83,7 @@ class Entry:
 
     record: dict[str, Any]
     tokens: list[int] = field(default_factory=list)  # generated so far
+    text: bytearray = field(default_factory=bytearray)  # a remote task's, so far
     end: dict[str, Any] | None = None
 
 
@@ -103,6 +107,9 @@ def make_task(entry: Entry) -> Task:
     task.parent = r.get("parent", "")
     task.follow_up = list(r.get("follow_up", []))
     task.model_prompt = r.get("model_prompt", "")
+    task.turns = [(role, said) for role, said in r.get("turns", [])]
+    task.output = bytearray(entry.text)  # a remote task's text so far (a local one's is rebuilt)
+    task.remote = bool(entry.text)
     task.model_sha = r.get("model_sha", "")
     task.deterministic = r.get("deterministic", False)
     for k in TIMES:
@@ -149,6 +156,7 @@ class Journal:
         self.bytes_written = 0
         self.records = 0
         self.syncs = 0  # fsyncs of committed records
+        self.commit_s = 1.0  # how long the last commit's write and fsync took
 
     # -- reading -----------------------------------------------------------------
 
@@ -193,11 +201,12 @@ class Journal:
             loaded.models.append(rec)
         elif kind == "task":
             loaded.tasks[rec["id"]] = Entry(record=rec, tokens=list(rec.get("generated", [])),
-                                            end=rec.get("end"))
+                                            text=bytearray(rec.get("text", b"")), end=rec.get("end"))
         elif kind == "gen":
             entry = loaded.tasks.get(rec["id"])
             if entry is not None:
                 entry.tokens += rec["k"]
+                entry.text += rec.get("x", b"")
         elif kind == "end":
             entry = loaded.tasks.get(rec["id"])
             if entry is not None:
@@ -235,10 +244,12 @@ class Journal:
             self._leading = True
             group, self._queued = self._queued, []
         error: OSError | None = None
+        start = time.perf_counter()
         try:
             data = b"".join(c.data for c in group)
             with self._write_lock:
                 self._write_synced(data)
+                self.commit_s = time.perf_counter() - start
                 self.bytes_written += len(data)
                 self.records += len(group)
                 self.syncs += 1
@@ -337,6 +348,8 @@ def snapshot(task: Task, model_sha: str) -> dict[str, Any]:
     """One record holding a task whole, for compaction."""
     rec = task_record(task, task.model_sha or model_sha)
     rec["generated"] = list(task.output_tokens)
+    if task.remote:
+        rec["text"] = bytes(task.output)
     if task.finished:
         rec["end"] = end_record(task)
     return rec

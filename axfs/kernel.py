@@ -115,8 +115,7 @@ class Kernel:
         self.submissions.parent_ended(task)
 
     def _usage(self, uid: int) -> int:
-        return int(sum(r.scheduler.policy.users().get(uid, (0.0, 0.0))[1]
-                       for r in self.runtimes.values() if isinstance(r, LocalRuntime)))
+        return int(sum(r.policy.users().get(uid, (0.0, 0.0))[1] for r in self.runtimes.values()))
 
     # -- models ------------------------------------------------------------------------
 

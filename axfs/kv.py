@@ -23,8 +23,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
 
 from axfs.blocks import BlockTable
+from axfs.prefixes import PACKED_KEPT, common_packed, common_prefix, pack
 from axfs.task import Task
 from drivers.base import SeqState
 
@@ -81,22 +83,6 @@ class KVCounters:
     evicted_cells: int = 0
 
 
-def common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the common beginning of ``a`` and ``b``, at most ``limit``
-    (binary search over slice comparisons, which run in C)."""
-    hi = min(len(a), len(b), limit)
-    if hi <= 0 or a[:hi] == b[:hi]:
-        return max(hi, 0)
-    lo = 0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 class KVManager:
     def __init__(self, capacity_cells: int, slots: int, cell_bytes: int, seq_limit: int,
                  prefix_cache: bool = True, cache_limit: int | None = None) -> None:
@@ -113,6 +99,11 @@ class KVManager:
         self._free = list(range(slots - 1, -1, -1))
         self._running: dict[int, Task] = {}
         self._cached: OrderedDict[int, Cached] = OrderedDict()  # least recently used first
+        # waiting task -> (its history's length, the history packed,
+        #                  {id(tokens): (tokens, common prefix)}); id(tokens) -> (tokens, packed)
+        self._memo: WeakKeyDictionary[Task, tuple[int, bytes, dict[int, tuple[list[int], int]]]] = (
+            WeakKeyDictionary())
+        self._packed: dict[int, tuple[list[int], bytes]] = {}
 
     # -- questions -------------------------------------------------------------------
 
@@ -154,19 +145,42 @@ class KVManager:
         for slot, other in self._running.items():
             if other is task:
                 continue
-            n = common_prefix(history, other.prompt_tokens, limit)
-            if n >= len(other.prompt_tokens):
-                n = common_prefix(history, other.prompt_tokens + other.output_tokens, limit)
+            prompt = other.prompt_tokens
+            n = self._common(task, history, prompt, limit)
+            if n >= len(prompt) and other.output_tokens:
+                n += common_prefix(history[n:], other.output_tokens, limit - n)
             usable = min(n, other.num_cached)
             if usable > best[1]:
                 best = (slot, usable)
             if other.num_cached < min(n, len(other.prompt_tokens)):
                 pending = max(pending, min(n, len(other.prompt_tokens)))
         for slot, entry in self._cached.items():
-            n = common_prefix(history, entry.tokens, limit)
+            n = self._common(task, history, entry.tokens, limit)
             if n > best[1]:
                 best = (slot, n)
         return best[0], best[1], pending
+
+    def _common(self, task: Task, history: list[int], tokens: list[int], limit: int) -> int:
+        """``common_prefix(history, tokens, limit)`` for ``task`` waiting, remembered until
+        its history changes, and compared packed (``array``'s bytes, a ``memcmp`` each
+        comparison): every waiting task is planned every step against every sequence, and
+        a burst of 100 prompts of 4,150 tokens spent most of its time comparing lists
+        (docs/benchmarks.md, the KV manager). ``tokens`` (a prompt, a cached sequence's)
+        never changes; the memos keep it alive, so its id names it."""
+        seen = self._memo.get(task)
+        if seen is None or seen[0] != len(history):
+            seen = self._memo[task] = (len(history), pack(history), {})
+        hit = seen[2].get(id(tokens))
+        if hit is not None:
+            return hit[1]
+        packed = self._packed.get(id(tokens))
+        if packed is None:
+            if len(self._packed) >= PACKED_KEPT:
+                self._packed.clear()
+            packed = self._packed[id(tokens)] = (tokens, pack(tokens))
+        n = common_packed(seen[1], packed[1], limit)
+        seen[2][id(tokens)] = (tokens, n)
+        return n
 
     def prefix_pending(self, task: Task) -> bool:
         """Whether ``task`` should wait for a prefix a running task is still computing
@@ -189,6 +203,9 @@ class KVManager:
         """How ``task`` would be admitted now, or None when it cannot be (or should wait
         for a prefix another task is computing). Changes nothing. ``pinned`` slots (the
         sources of this step's earlier copies) are never evicted."""
+        if not self._free and not self._cached:
+            return None  # every slot runs a task (asked first: a burst's waiting tasks
+            # are planned every step, and comparing prompts is what costs)
         need = self.need(task)
         source, prefix = None, 0
         if self._may_share(task):
@@ -251,6 +268,7 @@ class KVManager:
             self.counters.prefix_hits += 1
             self.counters.prefix_tokens += adm.prefix
         self._running[slot] = task
+        self._memo.pop(task, None)
         task.start(slot, adm.cells)
         if adm.prefix:
             task.num_cached = adm.prefix

@@ -178,7 +178,7 @@ class Loading:
         runtime: Runtime
         try:
             if entry.remote:
-                runtime = await open_remote(entry, self.trace)
+                runtime = await open_remote(entry, self.trace, self.options.policy)
             else:
                 if self.loader is None:
                     raise Unavailable("this kernel cannot load models")

@@ -30,7 +30,7 @@ COMMANDS = (  # models/NAME/ctl
     ctl.Verb("load"),
     ctl.Verb("unload"),
     ctl.Verb("default"),
-    ctl.Verb("endpoints", "URL... [key=PATH] [ca=PATH]", least=1, most=None),
+    ctl.Verb("endpoints", "URL [slots=N]... [key=PATH] [ca=PATH]", least=1, most=None),
     ctl.Verb("gpu_layers", "N|auto", least=1, most=1, pattern=re.compile(r"auto|[0-9]+")),
     ctl.Verb("template", "[NAME]", most=1),
 )
@@ -179,9 +179,10 @@ class ModelControl:
         if self.loading.unfinished(name):
             raise Busy(f"model {name} has unfinished tasks")
         self.loading.unload(name, reason="endpoints")
-        entry.endpoints, entry.key_file, entry.ca_file = spec.endpoints, spec.key_file, spec.ca_file
+        entry.set_remote(spec)
         self.registry.save()
         self.trace.emit(Event.MODEL_ENDPOINTS, model=name, endpoints=",".join(spec.endpoints),
+                        slots=",".join(f"{url}={n}" for url, n in spec.slots.items()) or "-",
                         key_file=spec.key_file or "-", ca_file=spec.ca_file or "-")
 
     def file_info(self, name: str) -> GgufInfo | str:

@@ -3,9 +3,9 @@
 A model is a name and either a local GGUF file (registered by ``ln -s FILE
 models/NAME``, by ``cp FILE models/`` into the state directory, or by the mount's
 ``--model``) or a list of OpenAI-compatible endpoints (``mkdir models/NAME`` then
-``endpoints URL... [key=PATH] [ca=PATH]`` written to its ``ctl``). This module only keeps the list; loading
-and unloading are the kernel's (axfs.kernel), running is a runtime's (axfs.runtime,
-axfs.remote).
+``endpoints URL [slots=N]... [key=PATH] [ca=PATH]`` written to its ``ctl``). This module
+only keeps the list; loading and unloading are the kernel's (axfs.kernel), running is a
+runtime's (axfs.runtime, axfs.remote).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SUFFIX = ".gguf"
+MAX_SLOTS = 4096  # the most requests one endpoint may be given at once
 
 
 def gguf_info(path: str) -> GgufInfo:
@@ -64,6 +65,7 @@ class ModelEntry:
     endpoints: list[str] = field(default_factory=list)  # or OpenAI-compatible servers
     key_file: str = ""  # their API key's file (RemoteSpec)
     ca_file: str = ""  # the CAs their certificates are checked against ("" the system's)
+    slots: dict[str, int] = field(default_factory=dict)  # url -> requests it runs at once, as set
     copied: bool = False  # path is axfs's own copy (STATE_DIR/models), deleted with the entry
     gpu_layers: int | None = None  # None: chosen from the GPU's free memory
     template: str = ""  # chat template in place of the GGUF's (a llama.cpp built-in name)
@@ -75,6 +77,11 @@ class ModelEntry:
     @property
     def configured(self) -> bool:
         return bool(self.path or self.endpoints)
+
+    def set_remote(self, spec: RemoteSpec) -> None:
+        """Serve it from ``spec``'s endpoints, reached with its files."""
+        self.endpoints, self.key_file, self.ca_file = spec.endpoints, spec.key_file, spec.ca_file
+        self.slots = dict(spec.slots)
 
 
 class Registry:
@@ -148,25 +155,32 @@ class Registry:
 @dataclass(frozen=True, slots=True)
 class RemoteSpec:
     """A remote model's endpoints and the files it reaches them with: what follows
-    ``endpoints`` in its ctl (``URL... [key=PATH] [ca=PATH]``, words apart) or ``NAME=``
-    in the mount's ``--remote`` (the same words, commas apart)."""
+    ``endpoints`` in its ctl (``URL [slots=N]... [key=PATH] [ca=PATH]``, words apart) or
+    ``NAME=`` in the mount's ``--remote`` (the same words, commas apart)."""
 
     endpoints: list[str]
     key_file: str = ""  # the API key, sent as Authorization: Bearer
     ca_file: str = ""  # the CAs that https endpoints' certificates are checked against
+    slots: dict[str, int] = field(default_factory=dict)  # url -> its slots, where set
 
 
 def parse_remote(words: Sequence[str]) -> RemoteSpec:
-    """URLs (http:// or https://, optionally ending in /v1) and at most one ``key=PATH``
-    and one ``ca=PATH``, absolute paths; BadInput saying what is wrong. The files are
-    read where the model is loaded (axfs.remote)."""
+    """URLs (http:// or https://, optionally ending in /v1), each optionally followed by
+    ``slots=N`` (how many requests it runs at once, 1 to MAX_SLOTS), and at most one
+    ``key=PATH`` and one ``ca=PATH``, absolute paths; BadInput saying what is wrong. The
+    files are read where the model is loaded (axfs.remote)."""
     urls: list[str] = []
     files = {"key": "", "ca": ""}
+    slots: dict[str, int] = {}
     for word in words:
         option, is_option, path = word.partition("=")
+        if option == "slots" and is_option:
+            slots.update(_slots(urls, slots, path))
+            continue
         if is_option and "://" not in option:
             if option not in files:
-                raise BadInput(f"endpoints: unknown option {option!r} (options: key=PATH, ca=PATH)")
+                raise BadInput(f"endpoints: unknown option {option!r} "
+                               "(options: slots=N after a URL, key=PATH, ca=PATH)")
             if files[option]:
                 raise BadInput(f"endpoints: {option}= given twice")
             if not os.path.isabs(path):
@@ -182,7 +196,16 @@ def parse_remote(words: Sequence[str]) -> RemoteSpec:
         raise BadInput("endpoints: expected URL... [key=PATH] [ca=PATH]")
     if files["ca"] and not any(url.strip().startswith("https:") for url in urls):
         raise BadInput("endpoints: ca= is for https:// endpoints")
-    return RemoteSpec(urls, files["key"], files["ca"])
+    return RemoteSpec(urls, files["key"], files["ca"], slots)
+
+
+def _slots(urls: list[str], slots: dict[str, int], value: str) -> dict[str, int]:
+    """``slots=VALUE`` for the URL just before it."""
+    if not urls or urls[-1] in slots:
+        raise BadInput("endpoints: slots=N follows the URL it is for (URL slots=N)")
+    if not value.isdigit() or not 1 <= int(value) <= MAX_SLOTS:
+        raise BadInput(f"endpoints: slots={value}: expected a number from 1 to {MAX_SLOTS}")
+    return {urls[-1]: int(value)}
 
 
 class ModelCopy:

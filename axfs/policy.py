@@ -8,7 +8,10 @@ decides what that means for admission and preemption.
   a group of weight 100; inside a user, each task's weight is its ``priority`` (1 to
   10000, default 100). Every token a task processes (prompt or generated) adds
   ``1 / weight`` to its task's and its user's virtual runtime; the batch goes to the
-  users furthest behind, and inside a user to the tasks furthest behind.
+  users furthest behind, and inside a user to the tasks furthest behind, the higher
+  priority first among equals. A user's tasks that have not run yet are ranked together,
+  at the place of the first of them, by priority and then by submission (``ctl priority``
+  on a waiting task moves it ahead of its user's others that have not run).
 
 Under both, a task with a deadline (``config deadline``) comes before those without, the
 nearest deadline first (earliest deadline first; under ``fair``, inside its user).
@@ -88,6 +91,7 @@ class FairPolicy:
     def __init__(self) -> None:
         self._users: dict[int, _User] = {}
         self._task_vr: dict[str, float] = {}
+        self._charged: set[str] = set()  # tasks that have run
 
     def _user(self, uid: int) -> _User:
         return self._users.setdefault(uid, _User())
@@ -112,8 +116,16 @@ class FairPolicy:
     def order(self, tasks: list[Task]) -> list[Task]:
         self._enter(tasks)
         queues: dict[int, list[Task]] = defaultdict(list)
-        vr = self._task_vr
-        for t in sorted(tasks, key=lambda t: (deadline_at(t), vr[t.id], t.submitted_at, t.id)):
+        vr = {t.id: self._task_vr[t.id] for t in tasks}
+        unrun: dict[int, float] = {}  # each user's tasks that have not run: the first one's place
+        for t in tasks:
+            if t.id not in self._charged:
+                unrun[t.uid] = min(unrun.get(t.uid, vr[t.id]), vr[t.id])
+        for t in tasks:
+            if t.id not in self._charged:
+                vr[t.id] = unrun[t.uid]
+        for t in sorted(tasks, key=lambda t: (deadline_at(t), vr[t.id], -t.config.priority,
+                                             t.submitted_at, t.id)):
             queues[t.uid].append(t)
         # Hand out places one at a time to the user whose virtual runtime, counting
         # the places already given (a token each per step), is lowest.
@@ -132,9 +144,11 @@ class FairPolicy:
         user.vruntime += tokens / USER_WEIGHT
         user.tokens += tokens
         self._task_vr[task.id] = self._task_vr.get(task.id, 0.0) + tokens / task.config.priority
+        self._charged.add(task.id)
 
     def forget(self, task: Task) -> None:
         self._task_vr.pop(task.id, None)
+        self._charged.discard(task.id)
 
     def users(self) -> dict[int, tuple[float, float]]:
         return {uid: (USER_WEIGHT, u.tokens) for uid, u in self._users.items()}

@@ -59,6 +59,12 @@ class Prompts:
                            f"to models/{runtime.name}/ctl, or 'chat off' to config)")
         return template
 
+    def server_templates(self, runtime: Runtime) -> bool:
+        """Whether a chat on ``runtime``'s model goes as turns, the server applying its own
+        template (``/v1/chat/completions``): a remote model that has no ``template`` set here."""
+        entry = self.registry.entries.get(runtime.name)
+        return runtime.seq_limit is None and not (entry and entry.template)
+
     def chat(self, text: str, runtime: Runtime) -> str:
         """``text`` as a chat's first user turn."""
         try:

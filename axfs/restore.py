@@ -53,20 +53,21 @@ class Restore:
     def resume(self, task: Task, generated: list[int]) -> None:
         """Queue an unfinished journaled task, with the tokens it had generated: its
         text is rebuilt from them and it runs on from there (once its model is loaded).
-        A remote task starts again: its text was the remote engine's."""
+        A remote task has its text from the journal, and is sent again with it."""
         self.loading.when_loaded(task.config.model,
                                  lambda runtime: self._resume(task, generated, runtime))
 
     def _resume(self, task: Task, generated: list[int], runtime: Runtime) -> None:
         if task.finished:
             return
-        if runtime.seq_limit is None:
-            generated = []
-        for token in generated:
-            if task.finished:
-                break
-            task.add_token(token, runtime.piece(token), runtime.is_eog(token),
-                           limit_reached=False)
+        if runtime.seq_limit is None:  # remote: the journal kept the text (make_task)
+            task.output_tokens = list(generated)
+        else:
+            for token in generated:
+                if task.finished:
+                    break
+                task.add_token(token, runtime.piece(token), runtime.is_eog(token),
+                               limit_reached=False)
         task.deterministic = task.deterministic and runtime.deterministic
         self.trace.emit(Event.RESUME, task.id, task.uid, tokens=len(generated))
         reason = task.finish_reason

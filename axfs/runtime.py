@@ -18,7 +18,7 @@ import trio
 from axfs import deadlines
 from axfs.engine import Engine
 from axfs.kv import KVManager
-from axfs.policy import make_policy
+from axfs.policy import Policy, make_policy
 from axfs.scheduler import Scheduler
 from axfs.swap import SwapSpace
 from axfs.task import State, Task
@@ -34,6 +34,7 @@ class Runtime(Protocol):
     last_used: float  # time.monotonic() of the last task it ran or ended
     on_end: Callable[[Task], None] | None
     seq_limit: int | None  # tokens one task's context holds (None: the server decides)
+    policy: Policy  # who runs next, and each user's tokens (the quotas count them)
 
     async def run(self) -> None: ...
 
@@ -83,6 +84,7 @@ class LocalRuntime:
                             prefix_cache=options.prefix_cache, cache_limit=options.cache_limit)
         self.seq_limit: int | None = self.kv.seq_limit
         self.scheduler = Scheduler(self.kv, shape.n_batch, make_policy(options.policy))
+        self.policy = self.scheduler.policy
         self.engine = Engine(driver, self.scheduler, trace, swap or SwapSpace(options.swap_mem, None),
                              overlap=self._overlap(driver, options.overlap))
         self.engine.swap.on_error = lambda task_id, why: trace.emit(

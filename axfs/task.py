@@ -61,6 +61,9 @@ class Task:
         self.model_prompt = ""  # the text the model is given, where it is not the prompt:
         # the prompt in the chat template, or a fork's whole context (see Kernel._queue)
         self.bad_constraint = ""  # why the last schema or grammar written did not compile
+        self.remote = False  # its text comes from a remote engine (axfs.remote), token ids not
+        self.turns: list[tuple[str, str]] = []  # a remote chat's (role, text) turns: sent as
+        # they are, the server applying its own template (see Submissions._queue)
         self.num_preempted = 0
         self.num_processed = 0  # tokens run through the model for it (prefill and decode)
         self.processed_at_start = 0  # num_processed when it was last admitted
@@ -77,6 +80,7 @@ class Task:
         self.updated_at = self.created_at
         self._changed = trio.Event()
         self._watched = False  # someone took ``changed`` since the last notify
+        self._ended: trio.Event | None = None  # made for the first who waits for the end
 
     # -- derived -------------------------------------------------------------------
 
@@ -145,6 +149,16 @@ class Task:
         self._watched = True
         return self._changed
 
+    @property
+    def ended(self) -> trio.Event:
+        """An event set when the task finishes (a reader holding back for more text waits
+        on it, not on every token)."""
+        if self._ended is None:
+            self._ended = trio.Event()
+            if self.finished:
+                self._ended.set()
+        return self._ended
+
     def notify(self, now: float | None = None) -> None:
         self.updated_at = now or time.time()
         if self._watched:  # a new event only when someone may wait on the old one
@@ -209,6 +223,8 @@ class Task:
             self.waiting_since = 0.0
         self.saved = None
         self.notify()
+        if self._ended is not None:
+            self._ended.set()
 
     # -- generated tokens ------------------------------------------------------------
 

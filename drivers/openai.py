@@ -2,21 +2,25 @@
 the request, its answer and its failures, in words. drivers.pool spreads requests over
 endpoints and moves them.
 
-One request is one streamed ``POST /v1/completions`` through httpx (HTTP/1.1, https with
-certificate checks, connections kept alive between requests), the answer read as
-server-sent events by httpx-sse until ``data: [DONE]`` or a ``finish_reason``. Leaving
-a request before its end closes its connection: the server notices and stops generating.
+One request is one streamed ``POST /v1/completions`` (or, for a conversation,
+``/v1/chat/completions``: the server applies its own chat template) through httpx
+(HTTP/1.1, https with certificate checks, connections kept alive between requests), the
+answer read as server-sent events by httpx-sse until ``data: [DONE]``. Leaving a request
+before its end closes its connection: the server notices and stops generating.
 
-Tokens are counted as the streamed chunks that carry a choice (llama-server and vLLM
-stream one token per chunk), not counting a closing chunk that has only a
-``finish_reason``; when the server reports ``usage.completion_tokens`` at the end (as
-llama-server does) that number replaces the count of the chunks it finished. A count
-from chunks can be low: llama-server holds back a token that ends inside a UTF-8
-character and sends it with the next one.
+Tokens are counted as the streamed chunks that carry a choice's text (llama-server and
+vLLM stream one token per chunk), not counting a closing chunk that has only a
+``finish_reason``; when the server reports ``usage`` (asked for with ``stream_options``:
+llama-server sends it with the finish, vLLM in a chunk after it) its
+``completion_tokens`` replaces the count of the chunks it finished, and its
+``prompt_tokens`` and cached tokens are kept (Progress). A count from chunks can be low:
+llama-server holds back a token that ends inside a UTF-8 character and sends it with the
+next one.
 
-A request moved to another endpoint goes on from the text received so far (the prompt
-and that text as the new prompt, the tokens left as max_tokens), so a stop string cut in
-two by the move is not seen.
+A request resumed on an endpoint (moved after a failure, or preempted by axfs.remote and
+sent again) goes on from the text received so far: the prompt and that text as the new
+prompt, or for a conversation that text as the assistant's unfinished last turn, and the
+tokens left as max_tokens; so a stop string cut in two by the move is not seen.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -35,8 +39,9 @@ import httpx_sse
 
 from drivers.base import DriverError
 from drivers.credentials import Access
+from drivers.request import Attempt, Progress
 
-COMPLETIONS_PATH = "/v1/completions"
+PROBE_TIMEOUT_S = 5.0  # the longest wait for a server's /props or /slots
 MAX_ERROR_BODY = 65536  # bytes of an error answer read for its message
 KEEPALIVE = 64  # idle connections kept per pool for the next requests
 KEY_SHOWN_AS = "[key]"  # what a server's message shows in place of the key it echoed
@@ -62,24 +67,6 @@ class EndpointRefused(EndpointFailed):
     def __init__(self, state: str, reason: str) -> None:
         super().__init__(reason)
         self.state = state
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One completion to run remotely. temperature 0 means greedy; seed -1 means random."""
-
-    prompt: str
-    max_tokens: int
-    temperature: float = 0.0
-    top_k: int = 40
-    top_p: float = 0.95
-    seed: int = -1
-    stop: tuple[str, ...] = ()
-    grammar: str = ""  # GBNF the output must match: llama-server's ``grammar``; "": none
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, not {self.max_tokens}")
 
 
 # -- urls ---------------------------------------------------------------------------------
@@ -123,37 +110,6 @@ def parse_url(url: str) -> Address:
     return Address(parts.scheme, parts.hostname, port)
 
 
-# -- a request's progress across endpoints ---------------------------------------------------
-
-@dataclass(slots=True)
-class Progress:
-    """What a request has received so far, across endpoints."""
-
-    request: Request
-    text: list[str] = field(default_factory=list)
-    tokens: int = 0
-    moves: int = 0
-    failures: int = 0  # attempts that failed
-    last_progress: float = field(default_factory=time.monotonic)
-
-    @property
-    def tokens_left(self) -> int:
-        return self.request.max_tokens - self.tokens
-
-    def payload(self, model: str) -> dict[str, Any]:
-        """The request's JSON, resuming after what has been received."""
-        req = self.request
-        payload: dict[str, Any] = {
-            "prompt": req.prompt + "".join(self.text), "max_tokens": self.tokens_left,
-            "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
-            "seed": req.seed, "stop": list(req.stop), "stream": True}
-        if req.grammar:
-            payload["grammar"] = req.grammar
-        if model:
-            payload["model"] = model
-        return payload
-
-
 # -- one streamed request ------------------------------------------------------------------------
 
 class Client:
@@ -176,13 +132,29 @@ class Client:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    async def slots(self, address: Address) -> int | None:
+        """How many requests the server runs at once, where it says so: llama-server's
+        ``/props`` ``total_slots``, else the length of its ``/slots`` list. None when it
+        does not say (vLLM, Ollama) or does not answer in PROBE_TIMEOUT_S."""
+        for path, read in (("/props", _total_slots), ("/slots", _slot_count)):
+            try:
+                answer = await self._http.get(address.url + path, timeout=PROBE_TIMEOUT_S)
+                n = read(answer.json()) if answer.status_code == 200 else None
+            except httpx.TransportError:
+                return None
+            except ValueError:  # not JSON
+                n = None
+            if n is not None:
+                return n
+        return None
+
     async def complete(self, address: Address, progress: Progress, model: str,
                        on_answer: Callable[[], None], on_text: Callable[[str], None]) -> str:
         """Stream the request's remainder from ``address``: its finish reason. Calls
         ``on_answer`` once the endpoint answers (200, or a 4xx that is the request's
         fault). EndpointFailed when the endpoint failed, RemoteError when it refused
         the request."""
-        url = address.url + COMPLETIONS_PATH
+        url = address.url + progress.path
         try:
             async with httpx_sse.aconnect_sse(self._http, "POST", url,
                                               json=progress.payload(model)) as events:
@@ -204,29 +176,35 @@ class Client:
 
     async def _read_events(self, address: Address, events: httpx_sse.EventSource,
                            progress: Progress, on_text: Callable[[str], None]) -> str:
-        """Read the event stream to its end: the finish reason."""
-        start_tokens = progress.tokens
+        """Read the event stream to its end: the finish reason. After the finish, the
+        stream is read on for the usage chunk a server may send after it (vLLM)."""
+        attempt = Attempt(progress.tokens)
         try:
             async for event in events.aiter_sse():
                 if event.event == "error":
                     raise self._stream_error(address, event.data)
                 if event.data.strip() == "[DONE]":
-                    return "length" if progress.tokens_left <= 0 else "stop"
-                finish = self._take_chunk(address, event.data, progress, start_tokens, on_text)
-                if finish is not None:
-                    return finish
+                    return attempt.finish or ("length" if progress.tokens_left <= 0 else "stop")
+                self._take_chunk(address, event.data, progress, attempt, on_text)
+                if attempt.finish is not None and attempt.told:
+                    return attempt.finish
         except httpx_sse.SSEError as e:
-            raise EndpointFailed(f"not an event stream: {e}") from None
+            if attempt.finish is None:
+                raise EndpointFailed(f"not an event stream: {e}") from None
         except httpx.TransportError as e:
-            reason = failure(e, self.timeout_s).reason
-            raise EndpointFailed(f"the stream broke off after {progress.tokens - start_tokens} "
-                                 f"tokens: {reason}") from None
-        raise EndpointFailed(f"the stream ended after {progress.tokens - start_tokens} tokens, "
+            if attempt.finish is None:
+                reason = failure(e, self.timeout_s).reason
+                raise EndpointFailed(f"the stream broke off after {progress.tokens - attempt.start} "
+                                     f"tokens: {reason}") from None
+        if attempt.finish is not None:
+            return attempt.finish
+        raise EndpointFailed(f"the stream ended after {progress.tokens - attempt.start} tokens, "
                              "before it finished")
 
-    def _take_chunk(self, address: Address, data: str, progress: Progress, start_tokens: int,
-                    on_text: Callable[[str], None]) -> str | None:
-        """Take one streamed chunk: its text to ``on_text``; the finish reason if it ends."""
+    def _take_chunk(self, address: Address, data: str, progress: Progress, attempt: Attempt,
+                    on_text: Callable[[str], None]) -> None:
+        """Take one streamed chunk: its text to ``on_text``, its usage and its finish
+        reason to ``attempt``."""
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -236,24 +214,32 @@ class Client:
         if "error" in chunk:
             raise self._stream_error(address, data)
         choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return None
-        text = choices[0].get("text") or ""
-        finish = choices[0].get("finish_reason")
-        if text or finish is None:
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if isinstance(choice, dict):
+            self._take_choice(choice, progress, attempt, on_text)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            attempt.take_usage(usage, progress)
+
+    @staticmethod
+    def _take_choice(choice: dict[str, Any], progress: Progress, attempt: Attempt,
+                     on_text: Callable[[str], None]) -> None:
+        delta = choice.get("delta")
+        if isinstance(delta, dict):  # a chat chunk: its first may carry only the role
+            text, counts = delta.get("content") or "", delta.get("content") is not None
+        else:
+            text, counts = choice.get("text") or "", True
+        finish = choice.get("finish_reason")
+        if text or (counts and finish is None):
             progress.tokens += 1
             progress.last_progress = time.monotonic()
         if text:
             progress.text.append(text)
             on_text(text)
-        if finish is None:
-            return None
-        usage = chunk.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-            progress.tokens = start_tokens + usage["completion_tokens"]
         if finish == "abort":  # vLLM: the server dropped the request
             raise EndpointFailed("the server aborted the request")
-        return "length" if finish == "length" else "stop"
+        if finish is not None:
+            attempt.finish = "length" if finish == "length" else "stop"
 
     def _stream_error(self, address: Address, data: str) -> Exception:
         """An error event mid-stream: the server's own failure (code 5xx, or none given)
@@ -273,6 +259,15 @@ class Client:
     def _words(self, text: str) -> str:
         """A server's words, with the key taken out should the server have echoed it."""
         return text.replace(self._key, KEY_SHOWN_AS) if self._key else text
+
+
+def _total_slots(props: Any) -> int | None:
+    n = props.get("total_slots") if isinstance(props, dict) else None
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def _slot_count(slots: Any) -> int | None:
+    return len(slots) if isinstance(slots, list) and slots else None
 
 
 async def _read_some(answer: httpx.Response) -> bytes:

@@ -98,10 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--idle-unload", type=float, default=600.0, metavar="SECONDS",
                    help="unload a model other than the default after this long idle (0: never)")
     m.add_argument("--remote", action="append", default=[],
-                   metavar="NAME=URL[,URL...][,key=PATH][,ca=PATH]",
-                   help="a model served by OpenAI-compatible endpoints, http:// or https://, with "
-                   "the file of its API key (mode 600) and of the CAs to check https against "
-                   "(repeatable)")
+                   metavar="NAME=URL[,slots=N][,URL...][,key=PATH][,ca=PATH]",
+                   help="a model served by OpenAI-compatible endpoints, http:// or https://, each "
+                   "with the requests it runs at once (default: what the server says, else 4), "
+                   "with the file of its API key (mode 600) and of the CAs to check https "
+                   "against (repeatable)")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount the tree and stop its daemon")
@@ -114,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    quiet_cpu_threads()  # before anything loads llama.cpp
     if args.command == "umount":
         return umount(args.mountpoint.absolute(), args.timeout)
     state_dir = (args.state_dir or default_state_dir()).absolute()
@@ -134,6 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.foreground:
         return _foreground(args, mountpoint, model, state_dir)
     return _background(args, mountpoint, model, state_dir)
+
+
+def quiet_cpu_threads() -> None:
+    """Unless the environment chose otherwise, llama.cpp's CPU threads (OpenMP's) sleep
+    as soon as they wait, instead of spinning first (libgomp spins about 300,000 times by
+    default). Whenever anything else wants the cores (the tree's own FUSE thread and its
+    readers, other programs), a spinning thread takes the core from the one it waits
+    for, at every barrier of every step: see docs/benchmarks.md, the hot path, for the
+    figures. Set before llama.cpp is loaded (libgomp reads it once); the daemon inherits
+    it."""
+    if not any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_dir: Path) -> int:

@@ -70,7 +70,7 @@ class MountOptions:
     cache_cells: int | None = None  # cells of ended tasks' KV kept, at most (None: ctx/4)
     gpu_layers: int | None = None  # the default model's; None: its models/NAME/ctl setting, else auto
     idle_unload: float = 600.0  # seconds a model other than the default stays loaded idle (0: never)
-    remote: tuple[str, ...] = ()  # --remote values, "NAME=URL[,URL...][,key=PATH][,ca=PATH]"
+    remote: tuple[str, ...] = ()  # --remote values, "NAME=URL[,slots=N][,URL...][,key=PATH][,ca=PATH]"
     overlap: bool | None = None  # a step's text published while the next runs (None: on a GPU)
 
 
@@ -167,7 +167,7 @@ def open_registry(opts: MountOptions) -> Registry:
             raise BadInput(f"--remote {spec}: {name} is a local model")
         if entry is None:
             entry = registry.add(ModelEntry(name))
-        entry.endpoints, entry.key_file, entry.ca_file = remote.endpoints, remote.key_file, remote.ca_file
+        entry.set_remote(remote)
     registry.save()
     return registry
 

@@ -18,7 +18,7 @@ from drivers import grammar
 from tests.conftest import Mount
 from tests.fakes import FakeDriver, local
 from tests.test_axctl import axctl
-from tests.test_remote_runtime import FakePool, finished, runtime, submitted
+from tests.test_remote_runtime import FakeClient, finished, runtime, submitted
 from tests.test_sched import run_until, start
 
 
@@ -121,8 +121,8 @@ def test_through_the_mount_a_deadline_keeps_the_text_and_axctl_wait_says_so(ax: 
 
 
 async def test_a_remote_task_ends_at_its_deadline_and_its_grammar_is_sent() -> None:
-    pool = FakePool(["never"])  # answers only when released: never, here
-    rt, ended = runtime(pool, max_inflight=1)
+    client = FakeClient(["never"])  # answers only when released: never, here
+    rt, ended = runtime(client, slots=1)
     running = submitted("a", deadline=0.2, format="json")
     waiting = submitted("b", deadline=0.2)
     async with trio.open_nursery() as nursery:
@@ -134,4 +134,4 @@ async def test_a_remote_task_ends_at_its_deadline_and_its_grammar_is_sent() -> N
         nursery.cancel_scope.cancel()
     assert running.state is State.DONE and running.finish_reason is Finish.DEADLINE
     assert waiting.state is State.FAILED and "passed before it could start" in waiting.error
-    assert pool.requests[0].grammar == grammar.JSON and set(ended) == {running, waiting}
+    assert client.requests[0].grammar == grammar.JSON and set(ended) == {running, waiting}

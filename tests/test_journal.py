@@ -7,16 +7,20 @@ import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import pytest
 import trio
 
+from axfs.config import TaskConfig
 from axfs.errors import NotRecorded
 from axfs.journal import NAME, Journal
 from axfs.kernel import Kernel
+from axfs.models import Registry
 from axfs.persist import Keeper, Retention
 from axfs.task import State, Task
+from axfs.trace import Trace
 from tests.fakes import FakeDriver, local
 from tests.test_sched import run_until, start
 
@@ -224,3 +228,32 @@ def test_a_group_that_cannot_be_written_is_refused_whole(tmp_path: Path,
     assert errors and all(e.isdigit() for e in errors)
     assert sorted(kept[1:] + errors, key=int) == [str(i) for i in range(10)]  # each once
     assert kept[0] == "kept" and journal.path.stat().st_size > size
+
+
+def test_a_remote_tasks_text_and_turns_are_kept_and_survive_compaction(tmp_path: Path) -> None:
+    """A remote task's token ids are not known: the journal keeps its text with them."""
+    keeper = Keeper(Journal(tmp_path), "sha")
+    task = Task("r", 1, 1, TaskConfig())
+    task.turns = [("user", "hi")]
+    task.submit("hi", [])
+    task.remote = True
+    keeper.submitted(task)
+    for piece in ("Hel", "lo"):
+        task.add_text(piece)
+    keeper.sync()
+    task.add_text(" wörld")
+    keeper.sync()
+
+    def load(tokens: int) -> Task:
+        [(again, generated)], _ = Keeper(Journal(tmp_path), "sha").load(Trace())
+        assert generated == [-1] * tokens
+        return again
+
+    again = load(3)
+    assert again.output == "Hello wörld".encode() and again.remote
+    assert again.turns == [("user", "hi")] and not again.finished
+    kept = SimpleNamespace(trace=Trace(), tasks={"r": task}, registry=Registry())
+    keeper.compact(kept)  # type: ignore[arg-type]
+    task.add_text("!")
+    keeper.close()
+    assert load(4).output == "Hello wörld!".encode()

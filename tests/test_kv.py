@@ -11,7 +11,8 @@ import trio
 from axfs.config import TaskConfig
 from axfs.fs import views
 from axfs.kernel import Kernel
-from axfs.kv import WAIT_GAIN, KVManager, common_prefix
+from axfs.kv import WAIT_GAIN, KVManager
+from axfs.prefixes import common_prefix
 from axfs.swap import SwapSpace
 from axfs.task import State, Task
 from tests.fakes import FakeDriver, GatedDriver, local, run_steps, settle

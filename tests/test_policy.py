@@ -61,6 +61,24 @@ def test_a_newcomer_starts_at_the_others_level_not_at_zero() -> None:
     assert policy.order([old, new])[0] is old
 
 
+def test_a_waiting_task_given_a_higher_priority_goes_before_its_users_others() -> None:
+    policy = FairPolicy()
+    running = task("r", 1, 1.0)
+    policy.order([running])
+    policy.charge(running, 50)
+    early = task("e", 1, 2.0)
+    policy.order([running, early])  # placed where r was then
+    policy.charge(running, 50)
+    late = task("l", 1, 3.0)
+    policy.order([running, late])  # placed where r is now, after early's place
+    policy.charge(running, 50)
+    assert policy.order([running, early, late]) == [early, late, running]
+    late.config.priority = 1000  # `ctl priority 1000` while it waits
+    assert policy.order([running, early, late]) == [late, early, running]
+    policy.charge(early, 1)  # once it has run, a task is ranked by what it ran
+    assert policy.order([running, early, late]) == [early, late, running]
+
+
 def test_make_policy_names() -> None:
     assert make_policy("fair").name == "fair" and make_policy("fifo").name == "fifo"
     with pytest.raises(ValueError, match="no scheduling policy"):

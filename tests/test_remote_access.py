@@ -18,8 +18,9 @@ import pytest
 import trio
 
 from drivers.credentials import Access, read_key, tls_context
-from drivers.openai import RemoteError, Request
+from drivers.openai import RemoteError
 from drivers.pool import Pool
+from drivers.request import Request
 from tests.conftest import mount, mounted
 from tests.servers import Certs, Server, binary_or_skip, llama_server, make_certs
 from tests.test_remote_driver import read_request

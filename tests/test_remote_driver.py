@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import trio
 
-from drivers.openai import RemoteError, Request, parse_url
+from drivers.openai import RemoteError, parse_url
 from drivers.pool import Outcome, Pool
+from drivers.request import Request
 from tests.servers import Server, binary_or_skip, free_port, llama_server
 
 PROMPT = "Hello world"
@@ -115,6 +116,26 @@ async def test_concurrent_requests_use_both(two: tuple[Server, Server]) -> None:
     assert [(s.served, s.inflight) for s in pool.status()] == [(2, 0), (2, 0)]
     assert sorted(o.endpoint for o in outcomes) == sorted([a.url, a.url, b.url, b.url])
     assert all(o.tokens == 200 and o.moves == 0 for o in outcomes)
+
+
+async def test_slots_are_the_servers_unless_set_and_no_more_requests_go_at_once(
+        two: tuple[Server, Server]) -> None:
+    a, b = two
+    pool = Pool([a.url, b.url], slots=[1, 0])
+    assert [(s.slots, s.slots_from) for s in pool.status()] == [(1, "set"), (4, "default")]
+    await pool.probe()  # llama-server's /props: total_slots 2 (--parallel 2)
+    assert [(s.slots, s.slots_from) for s in pool.status()] == [(1, "set"), (2, "server")]
+    assert pool.capacity() == 3 and pool.room() == 3
+    most = [0, 0]
+
+    def on_text(text: str) -> None:
+        for i, s in enumerate(pool.status()):
+            most[i] = max(most[i], s.inflight)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(6):
+            nursery.start_soon(pool.complete, Request(f"{PROMPT} {i}", 100), on_text)
+    assert most == [1, 2] and pool.room() == 3
 
 
 async def test_sigkill_mid_stream_moves_to_the_other(two: tuple[Server, Server]) -> None:

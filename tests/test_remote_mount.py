@@ -40,7 +40,7 @@ def test_remote_model_streams_spreads_and_fails_over(tiny_model: Path, tmp_path:
         while int(ax.status("long")["generated_tokens"]) < 20:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        serving = a if f"{a.url} up inflight=1" in ax.read("models/far/info") else b
+        serving = a if f"{a.url} up slots=2 inflight=1" in ax.read("models/far/info") else b
         serving.kill()
         ax.sh("cat tasks/long/stream > /dev/null", timeout=60)
         status = ax.status("long")
@@ -48,6 +48,12 @@ def test_remote_model_streams_spreads_and_fails_over(tiny_model: Path, tmp_path:
         trace = ax.read("trace")
         assert "endpoint_down model=far" in trace and "move model=far" in trace
         assert "moves=1" in trace
+        # Its timeline: where it was sent, where it moved, and the server's counts.
+        alive = b if serving is a else a
+        timeline = ax.read("replay/long/timeline")
+        assert f"admit remote=yes endpoint={serving.url} resumed=no" in timeline, timeline
+        assert f"move from={serving.url} to={alive.url} tokens=" in timeline, timeline
+        assert f"endpoint={alive.url} moves=1 server_prompt_tokens=" in timeline, timeline
         assert "down" in ax.read("models/far/info")
 
 

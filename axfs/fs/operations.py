@@ -32,6 +32,22 @@ from axfs.task import State, Task
 log = logging.getLogger(__name__)
 
 ROOT_NODE = Node(ROOT)
+# How long the kernel may keep a lookup of a fixed row (tasks/ID/stream: the name always
+# names the same file while the task is there) and a directory's attributes (its owner
+# and mode never change; its mtime may be this late). Without them every path walk asked
+# the daemon again for each component's lookup and, for the permission check of each
+# directory on the way, its attributes: 36 of the 93 FUSE requests a task of 64 tokens
+# took in tools/bench/throughput's 64-task rounds, now 11 (docs/benchmarks.md, the hot
+# path). Everything else
+# (names that come and go, and are private to their user; files whose size and mode
+# change) is asked for every time.
+CACHE_S = 1.0
+FIXED = ROOT.fixed()
+# A file's attributes (its size, the prompt's write bits) change, but the kernel asks for
+# them twice in a row on every open: for the permission check, then for the opener's
+# fstat. Kept this long, one answer serves both, and a size seen is at most this old.
+# Not the volatile files (trace, sched): their size is each viewer's own.
+FILE_ATTR_S = 0.01
 
 
 class Operations(Writes, pyfuse3.Operations):
@@ -122,8 +138,9 @@ class Operations(Writes, pyfuse3.Operations):
         row = node.row
         a = pyfuse3.EntryAttributes()
         a.st_ino = self._ino(node)
-        a.entry_timeout = 0
-        a.attr_timeout = 0
+        a.entry_timeout = CACHE_S if row in FIXED else 0
+        a.attr_timeout = (CACHE_S if isinstance(row, Dir) else
+                          0 if isinstance(row, File) and row.volatile else FILE_ATTR_S)
         a.st_uid, a.st_gid = 0, 0
         a.st_blksize = 4096
         a.st_nlink = 2 if isinstance(row, Dir) else 1

@@ -142,6 +142,18 @@ class Dir(Entry):
     def __post_init__(self) -> None:
         object.__setattr__(self, "named", {f.name: f for f in self.files})
 
+    def fixed(self) -> set[Entry]:
+        """The rows under this directory that are always there under the same name while
+        their directory is (listed in ``files``, not shown only at times, no size to
+        refresh at lookup): the kernel may keep their lookups for a while."""
+        rows: set[Entry] = set()
+        for row in (*self.files, *self.varying):
+            if row in self.files and row.shown is None and row.refresh is None:
+                rows.add(row)
+            if isinstance(row, Dir):
+                rows |= row.fixed()
+        return rows
+
 
 @dataclass(slots=True)
 class Handle:

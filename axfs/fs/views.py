@@ -7,6 +7,7 @@ only together with docs/tree.md.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from axfs.kernel import Kernel
 from axfs.remote import RemoteRuntime
@@ -119,28 +120,63 @@ def sched(kernel: Kernel) -> str:
     """The scheduler's policy and state, ``key value`` lines; users as user.UID.KEY. One
     section a loaded model (a blank line between), each beginning ``model NAME``."""
     sections = [_sched(kernel, r) for r in _local_runtimes(kernel)]
-    sections += [_remote_sched(r) for r in kernel.runtimes.values() if isinstance(r, RemoteRuntime)]
+    sections += [_remote_sched(kernel, r) for r in kernel.runtimes.values()
+                 if isinstance(r, RemoteRuntime)]
     # Whether submissions can be journaled (axfs.persist): the same in every section.
     journal = f"journal {kernel.keeper.state if kernel.keeper else 'off'}\n"
     return "\n".join(s + journal for s in sections) if sections else "model none loaded\n" + journal
 
 
-def _remote_sched(runtime: RemoteRuntime) -> str:
+def _runnable(kernel: Kernel, model: str) -> list[Task]:
+    return [t for t in kernel.tasks.values() if t.config.model == model
+            and t.state.value in ("queued", "running", "preempted")]
+
+
+def _remote_sched(kernel: Kernel, runtime: RemoteRuntime) -> str:
+    """A remote model's section: its queue, each endpoint's slots and use (``endpoint URL
+    slots=N running=N ...``), each user's share and use (as a local model's)."""
+    queue = runtime.queue
+    tasks = _runnable(kernel, runtime.name)
     rows: list[tuple[str, object]] = [
-        ("model", runtime.name), ("remote", "yes"), ("running", runtime.num_running),
-        ("waiting", runtime.num_waiting), ("tokens", runtime.num_tokens),
+        ("model", runtime.name), ("remote", "yes"), ("policy", queue.policy.name),
+        ("runnable", len(tasks)), ("running", runtime.num_running),
+        ("waiting", runtime.num_waiting), ("slots", runtime.pool.capacity()),
+        ("preemptions", queue.num_preemptions), ("tokens", runtime.num_tokens),
         ("deadlines_met", runtime.deadlines.met), ("deadlines_missed", runtime.deadlines.missed)]
+    rows += [(f"endpoint {e.url}", f"slots={e.slots} slots_from={e.slots_from} running={e.inflight} "
+              f"served={e.served} state={e.state}") for e in runtime.pool.status()]
+    sending = set(queue.running)
+    rows += _user_rows(queue.policy.users(), tasks, lambda t: t in sending)
     return "".join(f"{k} {v}\n" for k, v in rows)
+
+
+def _user_rows(users: dict[int, tuple[float, float]], tasks: list[Task],
+               running: Callable[[Task], bool], cells: Callable[[Task], int] | None = None
+               ) -> list[tuple[str, object]]:
+    """``user.UID.KEY`` rows: weight, share (of the users with runnable ``tasks``), use
+    (of the tokens run), tokens, tasks running and waiting, and (``cells``) KV cells."""
+    active = {t.uid for t in tasks}
+    total_weight = sum(w for uid, (w, _) in users.items() if uid in active) or 1.0
+    total_tokens = sum(n for _, n in users.values()) or 1.0
+    rows: list[tuple[str, object]] = []
+    for uid, (weight, tokens) in sorted(users.items()):
+        mine = [t for t in tasks if t.uid == uid]
+        rows += [
+            (f"user.{uid}.weight", f"{weight:g}"),
+            (f"user.{uid}.share", f"{weight / total_weight:.3f}" if uid in active else "0"),
+            (f"user.{uid}.use", f"{tokens / total_tokens:.3f}"),
+            (f"user.{uid}.tokens", f"{tokens:g}"),
+            (f"user.{uid}.running", sum(1 for t in mine if running(t))),
+            (f"user.{uid}.waiting", sum(1 for t in mine if not running(t))),
+        ]
+        if cells is not None:
+            rows.append((f"user.{uid}.kv_cells", sum(cells(t) for t in mine)))
+    return rows
 
 
 def _sched(kernel: Kernel, runtime: LocalRuntime) -> str:
     s = runtime.scheduler
-    tasks = [t for t in kernel.tasks.values() if t.config.model == runtime.name
-             and t.state.value in ("queued", "running", "preempted")]
-    users = s.policy.users()
-    active = {t.uid for t in tasks}
-    total_weight = sum(w for uid, (w, _) in users.items() if uid in active) or 1.0
-    total_tokens = sum(n for _, n in users.values()) or 1.0
+    tasks = _runnable(kernel, runtime.name)
     rows: list[tuple[str, object]] = [
         ("model", runtime.name),
         ("policy", s.policy.name),
@@ -159,17 +195,8 @@ def _sched(kernel: Kernel, runtime: LocalRuntime) -> str:
         ("deadlines_met", runtime.deadlines.met),
         ("deadlines_missed", runtime.deadlines.missed),
     ]
-    for uid, (weight, tokens) in sorted(users.items()):
-        mine = [t for t in tasks if t.uid == uid]
-        rows += [
-            (f"user.{uid}.weight", f"{weight:g}"),
-            (f"user.{uid}.share", f"{weight / total_weight:.3f}" if uid in active else "0"),
-            (f"user.{uid}.use", f"{tokens / total_tokens:.3f}"),
-            (f"user.{uid}.tokens", f"{tokens:g}"),
-            (f"user.{uid}.running", sum(1 for t in mine if t.seq is not None)),
-            (f"user.{uid}.waiting", sum(1 for t in mine if t.seq is None)),
-            (f"user.{uid}.kv_cells", sum(t.kv_reserved for t in mine if t.seq is not None)),
-        ]
+    rows += _user_rows(s.policy.users(), tasks, lambda t: t.seq is not None,
+                       cells=lambda t: t.kv_reserved if t.seq is not None else 0)
     return "".join(f"{k} {v}\n" for k, v in rows)
 
 
@@ -184,7 +211,7 @@ def model_info(kernel: Kernel, name: str) -> str:
         if isinstance(runtime, RemoteRuntime):
             for e in runtime.pool.status():
                 rows.append((f"endpoint {e.url}",
-                             f"{e.state} inflight={e.inflight} served={e.served} "
+                             f"{e.state} slots={e.slots} inflight={e.inflight} served={e.served} "
                              f"failures={e.failures}"
                              + (f" retry_in_s={e.retry_in_s:.0f} error={e.last_error}"
                                 if not e.up else "")))
