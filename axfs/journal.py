@@ -62,7 +62,8 @@ def task_record(task: Task, model_sha: str) -> dict[str, Any]:
         "t": "task", "id": task.id, "uid": task.uid, "gid": task.gid,
         "config": dataclasses.asdict(task.config), "prompt": task.prompt,
         "tokens": task.prompt_tokens, "parent": task.parent, "follow_up": task.follow_up,
-        "model_sha": model_sha, **{k: getattr(task, k) for k in TIMES},
+        "model_sha": model_sha, "deterministic": task.deterministic,
+        **{k: getattr(task, k) for k in TIMES},
         **({"model_prompt": task.model_prompt} if task.model_prompt else {}),
         **({"turns": [list(turn) for turn in task.turns]} if task.turns else {}),
     }
@@ -73,7 +74,8 @@ def end_record(task: Task) -> dict[str, Any]:
         "t": "end", "id": task.id, "state": task.state.value, "reason": task.finish_reason,
         "error": task.error, "text": bytes(task.output), "preempted": task.num_preempted,
         "processed": task.num_processed, "waited": task.waited_s, "reused": task.prefix_reused,
-        "timeline": [e.record() for e in task.timeline], **{k: getattr(task, k) for k in TIMES},
+        "timeline": [e.record() for e in task.timeline], "deterministic": task.deterministic,
+        **{k: getattr(task, k) for k in TIMES},
     }
 
 
@@ -113,6 +115,7 @@ def make_task(entry: Entry) -> Task:
     task.remote = bool(entry.text)
     task.model_sha = r.get("model_sha", "")
     task.records = bytearray(entry.records)  # an unfinished task's: cut as it resumes
+    task.deterministic = r.get("deterministic", False)
     for k in TIMES:
         setattr(task, k, r.get(k, 0.0))
     task.state = State.QUEUED
@@ -127,6 +130,7 @@ def make_task(entry: Entry) -> Task:
         task.num_processed = end.get("processed", 0)
         task.waited_s = end.get("waited", 0.0)
         task.prefix_reused = end.get("reused", 0)
+        task.deterministic = end.get("deterministic", False)
         task.timeline = [timeline.entry(e) for e in end.get("timeline", [])]
         for k in TIMES:
             setattr(task, k, end.get(k, getattr(task, k)))

@@ -67,6 +67,7 @@ class Sent:
 class RemoteRuntime:
     seq_limit: int | None = None
     sha = ""
+    deterministic = False  # the remote engine's batching is not ours to pin down
 
     def __init__(self, name: str, endpoints: list[str], trace: Trace, policy: Policy | None = None,
                  slots: Sequence[int] = (), retry_s: float = 30.0, give_up_s: float = 120.0,

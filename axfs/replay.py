@@ -4,10 +4,13 @@ Writing ``run`` to ``replay/ID/ctl`` queues a hidden copy of the finished task I
 same prompt tokens, parameters and seed, on the model file it ran on (checked by
 sha256). The copy runs *alone* (no other sequence in its steps) and computes its whole
 prompt (no prefix copied from another sequence), and ``replay/ID/result`` then reads
-``match`` or where the first token differs. Why alone: llama.cpp's batched matrix
-products do not give bit-identical logits for a sequence decoded alone and inside a
-batch (docs/design.md, Replay), so a task that ran in batches can replay differently,
-and the result says so (docs/tree.md, Replay).
+``match`` or where the first token differs. A task that ran in deterministic mode
+(drivers.determinism) has the same tokens whatever shared its steps, so its replay
+matches; otherwise llama.cpp's batched steps do not give bit-identical logits for a
+sequence decoded alone and inside a batch (docs/design.md, Replay), so a task that ran
+in batches can replay differently, and the result says so (docs/tree.md, Replay). A
+replay runs in the mode its task ran in: a task of the other mode is a mismatch, as a
+changed model file is (notes/determinism.md).
 """
 
 from __future__ import annotations
@@ -70,6 +73,12 @@ class Replays:
                              f"{task.model_sha}, the mounted one has {runtime.sha}\n")
             self.trace.emit(Event.REPLAY, task.id, task.uid, result="mismatch", why="model")
             return
+        if task.deterministic != runtime.deterministic:
+            replay.result = (f"mismatch mode: task {task.id} ran {_mode(task.deterministic)}, "
+                             f"model {task.config.model} is now loaded "
+                             f"{_mode(runtime.deterministic)} (see its info)\n")
+            self.trace.emit(Event.REPLAY, task.id, task.uid, result="mismatch", why="mode")
+            return
         config = task.config.copy()
         if task.finish_reason not in GENERATED:
             config.max_tokens = max(1, task.num_generated)  # killed or failed: as far as it got
@@ -114,15 +123,22 @@ class Replays:
 
     @staticmethod
     def _batched(task: Task) -> str:
+        if task.deterministic:
+            return " (the task ran in deterministic mode: see notes/determinism.md)"
         most = max((e.batch_max for e in task.timeline if isinstance(e, Steps)), default=1)
         return f" (the task ran in batches of up to {most} sequences; the replay ran alone)" \
             if most > 1 else ""
+
+
+def _mode(deterministic: bool) -> str:
+    return "in deterministic mode" if deterministic else "not in deterministic mode"
 
 
 def timeline(task: Task, model_sha: str) -> str:
     """The text of replay/ID/timeline."""
     head = [f"task {task.id}", f"uid {task.uid}", f"model_sha256 {task.model_sha or model_sha}",
             f"prompt_tokens {len(task.prompt_tokens)}", f"generated_tokens {task.num_generated}",
+            f"deterministic {'yes' if task.deterministic else 'no'}",
             f"state {task.state.value}", ""]
     rows = []
     for e in task.timeline:

@@ -70,6 +70,7 @@ class Restore:
                 task.add_token(token, runtime.piece(token), runtime.is_eog(token),
                                limit_reached=False)
             tokens.keep(task, len(task.output_tokens))  # the records of the tokens taken again
+        task.deterministic = task.deterministic and runtime.deterministic
         self.trace.emit(Event.RESUME, task.id, task.uid, tokens=len(generated))
         reason = task.finish_reason
         if reason is not None:  # it ended among the tokens journaled: its end was not
@@ -102,6 +103,7 @@ class Restore:
 
         def again(runtime: Runtime) -> None:
             task.model_sha = runtime.sha
+            task.deterministic = runtime.deterministic
             task.prompt_tokens = runtime.tokenize(task.text_for_model, special=task.config.chat)
             keeper.submitted(task, durable=False)
             self.resume(task, [])

@@ -30,6 +30,7 @@ from drivers.base import Driver
 class Runtime(Protocol):
     name: str
     sha: str  # the model file's sha256 ("" for a remote model)
+    deterministic: bool  # a task's tokens do not depend on what else runs (drivers.determinism)
     last_used: float  # time.monotonic() of the last task it ran or ended
     on_end: Callable[[Task], None] | None
     seq_limit: int | None  # tokens one task's context holds (None: the server decides)
@@ -76,6 +77,7 @@ class LocalRuntime:
         self.driver = driver
         self.sha = sha
         self.info = driver.info
+        self.deterministic = driver.info.deterministic
         shape = driver.shape
         self.kv = KVManager(shape.n_ctx, shape.n_seq_max, shape.cell_bytes,
                             seq_limit=min(shape.n_ctx, self.info.context_length or shape.n_ctx),

@@ -139,6 +139,7 @@ class Submissions:
                 return task
             task.submit(text, [])
             task.model_sha = runtime.sha
+            task.deterministic = runtime.deterministic
             self.record(task)
         except AxfsError as e:  # not recorded: a failed task, gone after a restart
             task.finish(State.FAILED, Finish.ERROR, str(e))
@@ -189,6 +190,7 @@ class Submissions:
             task.follow_up = runtime.tokenize(added, bos=False, special=task.config.chat)
             task.submit(task.prompt, parent.context() + task.follow_up)
         task.model_sha = runtime.sha
+        task.deterministic = runtime.deterministic
         if durable:
             self.record(task)
         elif self.keeper is not None:
@@ -217,6 +219,7 @@ class Submissions:
             raise self.reject(task.uid, task, e) from e
         task.submit(text, tokens)
         task.model_sha = runtime.sha
+        task.deterministic = runtime.deterministic
         try:
             if self.keeper is not None:
                 await self.keeper.submitted_off_thread(task)
@@ -243,6 +246,7 @@ class Submissions:
         """Hand a journaled submission to its model."""
         tokens = task.prompt_tokens
         task.model_sha = runtime.sha
+        task.deterministic = runtime.deterministic
         self.trace.emit(Event.SUBMIT, task.id, task.uid, prompt_tokens=len(tokens),
                         max_tokens=task.config.max_tokens, model=task.config.model)
         task.mark(Event.SUBMIT, prompt_tokens=len(tokens), max_tokens=task.config.max_tokens)

@@ -55,6 +55,7 @@ class Task:
         self.prefix_reused = 0  # prompt tokens copied from another sequence, not computed
         self.parent = ""  # the task this one was forked from
         self.model_sha = ""  # sha256 of the model file it was submitted to
+        self.deterministic = False  # ran only on a batch-invariant model (drivers.determinism)
         self.exclusive = False  # runs alone in its steps (a replay)
         self.isolate = False  # was in a step that failed: runs alone until a step works
         self.stepwise_until = 0  # recompute up to here as first computed (see Scheduler)

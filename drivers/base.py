@@ -75,6 +75,9 @@ class ModelInfo:
     vocab_size: int
     device: str
     extra: dict[str, str] = field(default_factory=dict)
+    # Whether a task's tokens depend only on the model file, prompt, parameters and seed,
+    # never on what else shares its steps (drivers.determinism)
+    deterministic: bool = False
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp as lc
 import numpy as np
 
-from drivers import gguf, logprobs, samplers
+from drivers import determinism, gguf, logprobs, samplers
 from drivers.base import (
     ContextShape,
     DriverError,
@@ -28,7 +28,16 @@ from drivers.base import (
     StepAborted,
 )
 from drivers.devices import free_gpu_memory, gpus, plan_gpu_layers
-from drivers.llamalib import abort_flag, check_gguf, cpu_has_amx, init_backend, kv_cell_bytes, recent_log
+from drivers.llamalib import (
+    abort_flag,
+    check_gguf,
+    cpu_has_amx,
+    head_dims,
+    init_backend,
+    kv_cell_bytes,
+    meta,
+    recent_log,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +55,14 @@ class LlamaCppDriver:
         n_threads: int | None = None,
         repack: bool | None = None,
         gpu_layers: int | None = None,
+        deterministic: bool = False,
     ) -> None:
         """``gpu_layers``: layers to offload to the GPU (llama.cpp's ``n_gpu_layers``;
         the layer count + 1 or more, or a negative number, puts all of it there); None
         chooses: 0 without a GPU or a llama.cpp built for one, else as many as fit in
-        the first GPU's free memory with this context's KV (``plan_gpu_layers``)."""
+        the first GPU's free memory with this context's KV (``plan_gpu_layers``).
+        ``deterministic``: batch-invariant decoding where it can be had (drivers.determinism;
+        ``mode`` says whether it is and why)."""
         path = Path(path).resolve()
         check_gguf(path)
         init_backend()
@@ -62,6 +74,8 @@ class LlamaCppDriver:
         self.repack = not cpu_has_amx() if repack is None else repack
         mparams.use_extra_bufts = self.repack
         mparams.n_gpu_layers = n_gpu_layers
+        mode = determinism.choose(deterministic, n_gpu_layers != 0, mparams)
+        self.repack = self.repack and not mode.deterministic
         recent_log.clear()
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
@@ -73,31 +87,20 @@ class LlamaCppDriver:
         self._model = model
         self._vocab = lc.llama_model_get_vocab(model)
         threads = n_threads or os.cpu_count() or 1
-        cparams = lc.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch
-        cparams.n_seq_max = n_seq_max
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.kv_unified = True
-        cparams.no_perf = True
         self._abort, self._abort_cb = abort_flag()
-        cparams.abort_callback = self._abort_cb
-        cparams.abort_callback_data = ctypes.cast(self._abort, ctypes.c_void_p)
-        ctx = lc.llama_init_from_model(model, cparams)
-        if not ctx:
-            lc.llama_model_free(model)
-            raise ModelLoadError(f"llama.cpp could not create a context for {path}")
-        self._ctx = ctx
-        self._mem = lc.llama_get_memory(ctx)
-        self.shape = ContextShape(
-            n_ctx=lc.llama_n_ctx(ctx),
-            n_seq_max=lc.llama_n_seq_max(ctx),
-            n_batch=lc.llama_n_batch(ctx),
-            cell_bytes=self._cell_bytes(),
-        )
-        self._batch = lc.llama_batch_init(self.shape.n_batch, 0, 1)
+
+        def cparams() -> lc.llama_context_params:
+            p: lc.llama_context_params = lc.llama_context_default_params()
+            p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, n_batch, n_batch, n_seq_max
+            p.n_threads = p.n_threads_batch = threads
+            p.kv_unified = p.no_perf = True
+            p.abort_callback = self._abort_cb  # type: ignore[assignment]
+            p.abort_callback_data = ctypes.cast(self._abort, ctypes.c_void_p)
+            return p
+
+        settings = cparams()
+        self.mode = determinism.context(mode, settings, *head_dims(model))
+        self._open_context(settings, path)
         self._samplers: dict[int, samplers.SeqSampler] = {}
         self._records: dict[int, bytes] = {}  # the last step's token records (token_records)
         self._add_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
@@ -110,7 +113,7 @@ class LlamaCppDriver:
         self.info = ModelInfo(
             name=name or path.stem,
             path=str(path),
-            architecture=self._meta("general.architecture") or "unknown",
+            architecture=meta(model, "general.architecture") or "unknown",
             description=self._desc(),
             parameters=lc.llama_model_n_params(model),
             size_bytes=lc.llama_model_size(model),
@@ -119,7 +122,31 @@ class LlamaCppDriver:
             device=self._device(gpu, offloaded, n_layer, threads),
             extra={"file_bytes": str(path.stat().st_size), "gpu_layers": str(offloaded)},
         )
+        tried, self.mode = self.mode, determinism.check(self.mode, self, self._order, self.shape.n_seq_max)
+        if tried.deterministic and not self.mode.deterministic:  # llama.cpp's default context
+            lc.llama_batch_free(self._batch)
+            lc.llama_free(self._ctx)
+            self._open_context(cparams(), path)
+        self.info.extra["deterministic"] = self.mode.line()
+        self.info.deterministic = self.mode.deterministic
         log.info("loaded %s: %s, context %s", path, self.info.description, self.shape)
+
+    def _open_context(self, cparams: lc.llama_context_params, path: Path) -> None:
+        """The context, its shape and its batch, from ``cparams``."""
+        ctx = lc.llama_init_from_model(self._model, cparams)
+        if not ctx:
+            lc.llama_model_free(self._model)
+            raise ModelLoadError(f"llama.cpp could not create a context for {path}")
+        self._ctx = ctx
+        self._mem = lc.llama_get_memory(ctx)
+        self.shape = ContextShape(
+            n_ctx=lc.llama_n_ctx(ctx),
+            n_seq_max=lc.llama_n_seq_max(ctx) - (1 if self.mode.deterministic else 0),
+            n_batch=lc.llama_n_batch(ctx),
+            cell_bytes=self._cell_bytes(),
+        )
+        self._batch = lc.llama_batch_init(self.shape.n_batch, 0, 1)
+        self._order = determinism.placement(self.mode, ctx, self.shape.n_ctx, self.shape.n_seq_max)
 
     # -- where it runs ------------------------------------------------------------------
 
@@ -167,27 +194,16 @@ class LlamaCppDriver:
 
     # -- model facts ---------------------------------------------------------------
 
-    def _meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(256)
-        n = lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", "replace") if n >= 0 else None
-
     def _desc(self) -> str:
         buf = ctypes.create_string_buffer(256)
         lc.llama_model_desc(self._model, buf, len(buf))
         return buf.value.decode("utf-8", "replace")
 
     def _cell_bytes(self) -> int:
-        """Bytes of KV one cell takes across all layers, assuming f16 K and V."""
-        n_layer = lc.llama_model_n_layer(self._model)
-        n_head = max(1, lc.llama_model_n_head(self._model))
-        n_head_kv = lc.llama_model_n_head_kv(self._model)
-        arch = self._meta("general.architecture") or ""
-        head_k = int(self._meta(f"{arch}.attention.key_length") or 0)
-        head_v = int(self._meta(f"{arch}.attention.value_length") or 0)
-        if not head_k:
-            head_k = head_v = lc.llama_model_n_embd(self._model) // n_head
-        return int(n_layer * n_head_kv * (head_k + head_v) * 2)
+        """Bytes of KV one cell takes across all layers, in f16 or deterministic mode's type."""
+        per_value = self.mode.kv.bytes_per_value if self.mode.kv else 2
+        layers, heads = lc.llama_model_n_layer(self._model), lc.llama_model_n_head_kv(self._model)
+        return int(layers * heads * sum(head_dims(self._model)) * per_value)
 
     # -- vocabulary ----------------------------------------------------------------
 
@@ -241,6 +257,7 @@ class LlamaCppDriver:
             sampler.free()
 
     def close_seq(self, seq: int) -> None:
+        self._order.drop(seq)
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._drop_sampler(seq)
 
@@ -249,6 +266,7 @@ class LlamaCppDriver:
         lc.llama_memory_seq_cp(self._mem, src, dst, 0, n)
 
     def trim_seq(self, seq: int, n: int) -> None:
+        self._order.drop(seq, n)
         if not lc.llama_memory_seq_rm(self._mem, seq, n, -1):
             raise DriverError(f"llama.cpp could not trim sequence {seq} to {n} cells")
 
@@ -265,6 +283,7 @@ class LlamaCppDriver:
             if lc.llama_state_seq_get_data(self._ctx, kv, size, seq) != size:
                 raise DriverError(f"llama.cpp could not save sequence {seq}")
         sampler = self._samplers.pop(seq)
+        self._order.drop(seq)
         lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
         return SeqState(sampler=sampler, kv=kv, kv_bytes=size)
 
@@ -278,9 +297,12 @@ class LlamaCppDriver:
                 kv = (ctypes.c_uint8 * len(kv)).from_buffer(kv)
             if not isinstance(kv, ctypes.Array):
                 raise DriverError("saved state is not from this driver")
+            self._order.drop(seq)
             lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            self._order.room(state.kv_bytes // max(1, self.shape.cell_bytes) + 1)  # or fewer
             if lc.llama_state_seq_set_data(self._ctx, kv, state.kv_bytes, seq) == 0:
                 raise DriverError(f"llama.cpp could not restore a sequence into slot {seq}")
+            self._order.placed(self.seq_cells(seq))
         self._samplers[seq] = state.sampler
 
     # -- the step ------------------------------------------------------------------
@@ -307,6 +329,8 @@ class LlamaCppDriver:
             if p.sample and p.tokens:
                 wanted.append((p.seq, i - 1))
         b.n_tokens = total
+        self._order.room(total)
+        determinism.decoding()
         rc = lc.llama_decode(self._ctx, b)
         if rc == 2:
             raise StepAborted("the step was aborted")
@@ -314,6 +338,7 @@ class LlamaCppDriver:
             raise DriverError("the KV cache has no room for this step")
         if rc != 0:
             raise DriverError(f"llama_decode failed with code {rc}")
+        self._order.placed(total)
         sampled = {seq: self._sample(seq, idx) for seq, idx in wanted}
         asked = [(seq, idx) for seq, idx in wanted if self._samplers[seq].logprobs]
         self._records = self._token_records(asked, sampled) if asked else {}
@@ -324,6 +349,10 @@ class LlamaCppDriver:
 
     def abort(self, stop: bool = True) -> None:
         self._abort[0] = b"\1" if stop else b"\0"
+
+    def logits(self, index: int) -> bytes:
+        """The last step's logits for its token ``index`` (one that asked for a sample)."""
+        return self._logits(index).tobytes()
 
     def _logits(self, idx: int) -> np.ndarray:
         """The logits of output ``idx`` of the last step (a view of llama.cpp's buffer)."""

@@ -1,7 +1,7 @@
 """The llama.cpp library itself, as the driver (drivers/llamacpp.py) needs it: the backend
 started once per process, llama.cpp's log into this process's logging (its last lines
 kept, so that a failed load can say what llama.cpp said), the abort callback, what the
-CPU can do, and the first checks of a GGUF file.
+CPU can do, the first checks of a GGUF file, and a loaded model's metadata.
 """
 
 from __future__ import annotations
@@ -101,3 +101,20 @@ def check_gguf(path: Path) -> None:
         raise ModelLoadError(f"model file {path} cannot be read: {e.strerror}") from e
     if magic != GGUF_MAGIC:
         raise ModelLoadError(f"model file {path} is not a GGUF file (no GGUF magic at its start)")
+
+
+def meta(model: lc.llama_model_p, key: str) -> str | None:
+    """A loaded model's GGUF metadata value ``key`` as text (None if it has none)."""
+    buf = ctypes.create_string_buffer(256)
+    n = lc.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+
+def head_dims(model: lc.llama_model_p) -> tuple[int, int]:
+    """Values per attention head in K and in V (drivers.determinism chooses the KV type by them)."""
+    arch = meta(model, "general.architecture") or ""
+    head_k = int(meta(model, f"{arch}.attention.key_length") or 0)
+    head_v = int(meta(model, f"{arch}.attention.value_length") or 0)
+    if not head_k:
+        head_k = head_v = lc.llama_model_n_embd(model) // max(1, lc.llama_model_n_head(model))
+    return head_k, head_v

@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all)")
     m.add_argument("--repack", choices=["auto", "on", "off"], default="auto",
                    help="llama.cpp's repacked weight layouts (auto: on unless the CPU has AMX)")
+    m.add_argument("--deterministic", choices=["on", "off"], default="on",
+                   help="a task's tokens independent of what else runs, on CPU models "
+                   "(notes/determinism.md); off: llama.cpp's default settings")
     m.add_argument("--policy", choices=["fair", "fifo"], default="fair",
                    help="scheduling: fair shares per user and priority, or first come first served")
     m.add_argument("--allow-other", action="store_true", help="let other users in")
@@ -175,6 +178,7 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
     opts = MountOptions(mountpoint=mountpoint, model=model, state_dir=state_dir, n_ctx=args.ctx,
                         slots=args.slots, n_batch=args.batch, threads=args.threads,
                         repack={"auto": None, "on": True, "off": False}[args.repack],
+                        deterministic=args.deterministic == "on",
                         policy=args.policy, allow_other=args.allow_other,
                         multi_user=args.multi_user, limits=tuple(args.limit),
                         prefix_cache=args.prefix_cache == "on", swap_mem=args.swap_mem << 20,
@@ -196,7 +200,8 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
     argv = [sys.executable, "-m", "mount.cli", "mount", str(mountpoint), "--foreground",
             "--model", str(model), "--state-dir", str(state_dir), "--ctx", str(args.ctx),
             "--slots", str(args.slots), "--batch", str(args.batch),
-            "--repack", args.repack, "--policy", args.policy, "--log-level", args.log_level,
+            "--repack", args.repack, "--deterministic", args.deterministic,
+            "--policy", args.policy, "--log-level", args.log_level,
             "--prefix-cache", args.prefix_cache, "--swap-mem", str(args.swap_mem),
             "--overlap", args.overlap, "--keep-tasks", str(args.keep_tasks),
             "--keep-days", str(args.keep_days),

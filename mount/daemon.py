@@ -57,6 +57,7 @@ class MountOptions:
     n_batch: int = 512
     threads: int | None = None
     repack: bool | None = None  # None: llama.cpp's repacked weights unless the CPU has AMX
+    deterministic: bool = True  # batch-invariant tokens where it can be had (CPU models)
     policy: str = "fair"
     allow_other: bool = False
     multi_user: bool = False  # allow_other, and each task its owner's only (0700)
@@ -194,7 +195,8 @@ def make_loader(opts: MountOptions) -> Callable[[ModelEntry], LlamaCppDriver]:
             os.close(open_regular(entry.path))  # llama.cpp would wait on a FIFO (drivers.files)
         return LlamaCppDriver(Path(entry.path), name=entry.name, n_ctx=opts.n_ctx,
                               n_seq_max=opts.slots, n_batch=opts.n_batch, n_threads=opts.threads,
-                              repack=opts.repack, gpu_layers=entry.gpu_layers)
+                              repack=opts.repack, gpu_layers=entry.gpu_layers,
+                              deterministic=opts.deterministic)
 
     return load
 

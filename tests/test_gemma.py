@@ -40,9 +40,13 @@ def test_greedy_continuation_is_sensible(gemma: Mount) -> None:
 
 
 def test_format_json_output_parses_with_jq(gemma: Mount) -> None:
+    # A prompt Gemma answers greedily with a closed object in deterministic mode (Q8_0 KV):
+    # "Classify this log line as info, warn or error, as JSON with keys level and reason:
+    # ..." runs to max_tokens in a string of zeros there (and with llama.cpp's defaults
+    # too, once it shares its steps).
     gemma.sh("mkdir tasks/classify && printf 'format json\\nmax_tokens 300\\ntemperature 0\\n' "
-             "> tasks/classify/config && echo 'Classify this log line as info, warn or error, "
-             "as JSON with keys level and reason: disk /dev/sda1 is 97% full' "
+             "> tasks/classify/config && echo 'Return a JSON object with keys \"level\" (info, "
+             "warn or error) and \"reason\" for this log line: disk /dev/sda1 is 97% full' "
              "> tasks/classify/prompt")
     gemma.wait_state("classify", "done", timeout=120)
     assert gemma.status("classify")["finish_reason"] == "eos"
