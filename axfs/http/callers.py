@@ -23,6 +23,8 @@ import pwd
 import stat
 from dataclasses import dataclass
 
+from starlette.requests import Request
+
 from drivers.files import open_regular
 
 MAX_FILE_BYTES = 1 << 20
@@ -129,3 +131,8 @@ class Callers:
         if given:
             raise Unauthorized("the API key is not one this server knows")
         raise Unauthorized("an API key is needed: send the header 'Authorization: Bearer KEY'")
+
+    def of(self, request: Request) -> Caller:
+        """``who`` for an HTTP request."""
+        return self.who(request.headers.get("authorization"),
+                        request.client.host if request.client else None)

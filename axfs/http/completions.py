@@ -48,8 +48,7 @@ class Completions:
 
     async def _answer(self, request: Request, chat: bool) -> Response:
         try:
-            who = self.callers.who(request.headers.get("authorization"),
-                                   request.client.host if request.client else None)
+            who = self.callers.of(request)
             body = json.loads(await _body(request))
         except Unauthorized as e:
             return error(401, str(e))

@@ -7,6 +7,7 @@ call the same kernel from the same thread.
 | POST /v1/completions        | a completion (axfs.http.completions)                    |
 | POST /v1/chat/completions   | a chat completion                                       |
 | GET /v1/models              | the registry's models                                   |
+| GET /props                  | the default model's slots, for another axfs (chaining)  |
 | GET /health                 | ``{"status": "ok"}`` while the tree is served           |
 | GET /                       | the live page (axfs.http.top)                           |
 | GET /api/top                | the page's picture of the box, as JSON                  |
@@ -95,14 +96,25 @@ def application(kernel: Kernel, callers: Callers, multi_user: bool = False) -> S
 
     async def models(request: Request) -> Response:
         try:
-            callers.who(request.headers.get("authorization"),
-                        request.client.host if request.client else None)
+            callers.of(request)
         except Unauthorized as e:
             return error(401, str(e))
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "axfs",
                  "default": name == kernel.registry.default, "loaded": name in kernel.runtimes}
                 for name in sorted(kernel.models)]
         return JSONResponse({"object": "list", "data": data})
+
+    async def props(request: Request) -> Response:
+        """llama-server's ``/props``, as far as another axfs asks it (drivers/openai.py):
+        how many requests the default model runs at once."""
+        try:
+            callers.of(request)
+        except Unauthorized as e:
+            return error(401, str(e))
+        runtime = kernel.local()
+        if runtime is None:
+            return error(404, "the default model is not loaded here")
+        return JSONResponse({"total_slots": runtime.kv.slots, "model": runtime.name})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -115,6 +127,7 @@ def application(kernel: Kernel, callers: Callers, multi_user: bool = False) -> S
         Route("/v1/completions", completions.completion, methods=["POST"]),
         Route("/v1/chat/completions", completions.chat, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/props", props, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/", top.page, methods=["GET"]),
         Route("/api/top", top.snapshot, methods=["GET"]),

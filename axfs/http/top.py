@@ -56,8 +56,7 @@ class Top:
 
     async def snapshot(self, request: Request) -> Response:
         try:
-            who = self.callers.who(request.headers.get("authorization"),
-                                   request.client.host if request.client else None)
+            who = self.callers.of(request)
         except Unauthorized as e:
             return error(401, str(e))
         return JSONResponse(self.picture(privacy.viewer(self.multi_user, who.uid)),
