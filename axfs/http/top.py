@@ -10,6 +10,8 @@ as the tree lists them to that uid (counts and ids, no prompt; a name as ``*``).
 
 from __future__ import annotations
 
+import functools
+import pwd
 import time
 from importlib import resources
 from typing import Any
@@ -84,8 +86,18 @@ class Top:
         row = fields(views.status(task, cell_bytes))
         own = viewer is None or viewer == task.uid
         row["id"] = task.id if own else privacy.shown_id(task.id)
+        row["user"] = user_name(task.uid)
         row["prompt"] = " ".join(task.prompt[:PROMPT_CHARS * 2].split())[:PROMPT_CHARS] if own else ""
         return row
+
+
+@functools.lru_cache(maxsize=256)
+def user_name(uid: int) -> str:
+    """A uid's login name, or its number (as axctl top shows it: tools/axctl/overview.py)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _any_local(kernel: Kernel) -> bool:
