@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.http:
                 raise ValueError("--http-keys and --http-open-loopback need --http [HOST:]PORT")
             args.http_options = parse_options(args.http, _absolute(args.http_keys),
-                                              args.http_open_loopback)
+                                              args.http_open_loopback, args.multi_user)
         if args.gpu_layers != "auto" and not args.gpu_layers.isdigit():
             raise ValueError(f"--gpu-layers {args.gpu_layers}: expected a number or auto")
     except (ValueError, BadInput) as e:

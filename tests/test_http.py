@@ -161,3 +161,24 @@ def test_a_client_that_leaves_ends_its_task(web: tuple[Mount, str]) -> None:
         httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=1.5)
     task = sorted(ax.sh("ls tasks").stdout.split(), key=lambda t: int(t[5:]) if t[5:].isdigit() else 0)[-1]
     wait_for(lambda: ax.status(task)["state"] == "killed")
+
+
+def test_an_unmount_ends_the_tasks_it_was_answering(tiny_model: Path, tmp_path: Path) -> None:
+    """Nobody will read their answers: they end killed, and are not run again at the next
+    mount (the journal keeps them so)."""
+    port = free_port()
+    with mounted(tmp_path, tiny_model, "--http", str(port)) as ax, httpx.Client(timeout=30) as http, \
+            http.stream("POST", f"http://127.0.0.1:{port}/v1/completions",
+                        json={"prompt": "go on", "max_tokens": 100000, "stream": True}) as answer:
+        task = answer.headers["x-axfs-task"]
+        lines = answer.iter_lines()
+        next(lines)
+        subprocess.run([sys.executable, "-m", "mount.cli", "umount", str(ax.path)], cwd=REPO,
+                       check=True, timeout=90)
+        with pytest.raises(httpx.HTTPError):
+            for _ in lines:
+                pass
+    with mounted(tmp_path, tiny_model) as again:
+        assert again.status(task)["state"] == "killed"
+        assert again.read(f"tasks/{task}/error") == \
+            "the HTTP server stopped (the tree was unmounted) while it ran\n"

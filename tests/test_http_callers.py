@@ -81,3 +81,7 @@ def test_http_options() -> None:
         parse_options("example.org:80", "/k")
     with pytest.raises(BadInput, match="is for a server with --http-keys"):
         parse_options("8000", open_loopback=True)
+    for keys, open_loopback in (("", False), ("/k", True)):
+        with pytest.raises(BadInput, match="a --multi-user tree needs --http-keys"):
+            parse_options("8000", keys, open_loopback, multi_user=True)
+    assert parse_options("8000", "/k", multi_user=True).keys_file == "/k"

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 128 << 20  # a request's JSON; the prompt's own limit is the user's (quota)
 LEFT = "the HTTP client closed the connection"
+STOPPED = "the HTTP server stopped (the tree was unmounted) while it ran"
 
 
 class Completions:
@@ -126,14 +127,15 @@ class TaskAnswer(Response):
                     await self._whole(send)
                 nursery.cancel_scope.cancel()
         finally:
-            if not task.finished:  # the client left, or the server is going
-                log.info("task %s: %s", task.id, LEFT)
-                self.kernel.kill(task, LEFT)
+            if not task.finished:  # the server is going: nobody will read the answer
+                log.info("task %s: %s", task.id, STOPPED)
+                self.kernel.kill(task, STOPPED)
 
     async def _watch(self, receive: Receive, scope: trio.CancelScope) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         if not self.task.finished:
+            log.info("task %s: %s", self.task.id, LEFT)
             self.kernel.kill(self.task, LEFT)
         scope.cancel()
 

@@ -58,9 +58,11 @@ class HttpOptions:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_options(address: str, keys_file: str = "", open_loopback: bool = False) -> HttpOptions:
+def parse_options(address: str, keys_file: str = "", open_loopback: bool = False,
+                  multi_user: bool = False) -> HttpOptions:
     """The options from the command line; BadInput saying what is wrong (a keys file is
-    read by ``callers``, when the server starts)."""
+    read by ``callers``, when the server starts). A request without a key is the owner's,
+    and every local user can reach loopback: so a ``--multi-user`` tree needs keys."""
     host, colon, port = address.rpartition(":")
     host = host.strip("[]") if colon else DEFAULT_HOST
     if not port.isdigit() or not 0 < int(port) < 65536:
@@ -74,6 +76,9 @@ def parse_options(address: str, keys_file: str = "", open_loopback: bool = False
     if not loopback and not keys_file:
         raise BadInput(f"--http {address} is not a loopback address: give --http-keys FILE, so "
                        "that only holders of a key are served, each as their uid")
+    if multi_user and (open_loopback or not keys_file):
+        raise BadInput("--http on a --multi-user tree needs --http-keys, without --http-open-loopback: "
+                       "every local user reaches loopback, and a request without a key is the owner's")
     if open_loopback and not keys_file:
         raise BadInput("--http-open-loopback is for a server with --http-keys (without keys, "
                        "every request is the owner's already)")
