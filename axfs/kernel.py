@@ -18,7 +18,7 @@ task). The kernel builds its parts and hands each request to the one whose job i
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -198,8 +198,8 @@ class Kernel:
     def check_forkable(self, parent: Task, uid: int) -> None:
         self.submissions.check_forkable(parent, uid)
 
-    async def submit(self, task: Task, data: bytes) -> None:
-        await self.submissions.submit(task, data)
+    async def submit(self, task: Task, data: bytes, turns: Sequence[tuple[str, str]] = ()) -> None:
+        await self.submissions.submit(task, data, turns)
 
     async def submit_new(self, uid: int, gid: int, data: bytes) -> Task:
         return await self.submissions.submit_new(uid, gid, data)
@@ -222,8 +222,8 @@ class Kernel:
     def control(self, task: Task, text: str) -> None:
         self.task_control.control(task, text)
 
-    def kill(self, task: Task) -> None:
-        self.task_control.kill(task)
+    def kill(self, task: Task, reason: str = "") -> None:
+        self.task_control.kill(task, reason)
 
     def remove(self, task: Task, reason: str = "rm") -> None:
         self.task_control.remove(task, reason)

@@ -8,6 +8,7 @@ is the caller's (axfs.refusals).
 from __future__ import annotations
 
 import codecs
+from collections.abc import Sequence
 
 from axfs.errors import BadInput
 from axfs.models import Registry
@@ -65,10 +66,13 @@ class Prompts:
         entry = self.registry.entries.get(runtime.name)
         return runtime.seq_limit is None and not (entry and entry.template)
 
-    def chat(self, text: str, runtime: Runtime) -> str:
-        """``text`` as a chat's first user turn."""
+    def chat(self, turns: Sequence[tuple[str, str]], runtime: Runtime) -> str:
+        """A conversation's (role, text) ``turns`` in the model's template, ending with the
+        assistant's opening; a last assistant turn is continued (its text follows that
+        opening, as a reply already begun)."""
+        begun = turns[-1][1] if turns and turns[-1][0] == "assistant" else ""
         try:
-            return chat.render(self.template(runtime), [("user", text)])
+            return chat.render(self.template(runtime), turns[:-1] if begun else turns) + begun
         except chat.ChatError as e:
             raise BadInput(f"chat template: {e}") from e
 

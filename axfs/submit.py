@@ -8,6 +8,7 @@ refusal is recorded (axfs.refusals) before it is raised.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Sequence
 
 import trio
 
@@ -90,12 +91,16 @@ class Submissions:
 
     # -- submitting --------------------------------------------------------------------
 
-    async def submit(self, task: Task, data: bytes) -> None:
-        """Queue the draft ``task`` with ``data`` as its prompt."""
+    async def submit(self, task: Task, data: bytes, turns: Sequence[tuple[str, str]] = ()) -> None:
+        """Queue the draft ``task`` with ``data`` as its prompt; a chat's whole conversation,
+        where it has more than the prompt as one user turn, comes as (role, text) ``turns``
+        (``POST /v1/chat/completions``: axfs.http)."""
         if task.state is not State.DRAFT:
             raise self.reject(task.uid, task, Busy(f"task {task.id} was already submitted"))
+        if turns and not task.config.chat:
+            raise self.reject(task.uid, task, BadInput("a conversation needs chat on"))
         self.check_quota(task.uid, task, task.config)
-        await self._queue(task, self._prompt_text(task.uid, task, data))
+        await self._queue(task, self._prompt_text(task.uid, task, data), list(turns))
         self.refusals.accepted(task)
 
     async def submit_new(self, uid: int, gid: int, data: bytes) -> Task:
@@ -199,15 +204,16 @@ class Submissions:
                         context_tokens=len(task.prompt_tokens))
         self._enqueue(task, runtime)
 
-    async def _queue(self, task: Task, text: str) -> None:
+    async def _queue(self, task: Task, text: str, turns: list[tuple[str, str]] | None = None) -> None:
+        turns = turns or [("user", text)]
         try:
             runtime = await self.loading.runtime(task.config.model)
             if runtime.seq_limit is None:  # remote: its model may have become so since
                 task.config.check_remote()
             if task.config.chat and self.prompts.server_templates(runtime):
-                task.turns = [("user", text)]
+                task.turns = turns
             elif task.config.chat:
-                task.model_prompt = self.prompts.chat(text, runtime)
+                task.model_prompt = self.prompts.chat(turns, runtime)
             model_text = task.model_prompt or text
             if len(model_text) <= INLINE_TOKENIZE_CHARS:
                 tokens = runtime.tokenize(model_text, special=task.config.chat)

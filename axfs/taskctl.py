@@ -121,11 +121,15 @@ class TaskControl:
         task.config.priority = priority
         self.trace.emit(Event.PRIORITY, task.id, task.uid, priority=priority)
 
-    def kill(self, task: Task) -> None:
+    def kill(self, task: Task, reason: str = "") -> None:
+        """End ``task`` killed; ``reason``, where the kill was not asked for in the tree (an
+        HTTP client that left), goes to the trace and the task's error."""
         if task.finished:
             return
-        self.trace.emit(Event.KILL, task.id, task.uid, state=task.state, tokens=task.num_generated)
-        self.loading.finish(task, State.KILLED, Finish.KILLED)
+        why = {"reason": reason} if reason else {}
+        self.trace.emit(Event.KILL, task.id, task.uid, state=task.state, tokens=task.num_generated,
+                        **why)
+        self.loading.finish(task, State.KILLED, Finish.KILLED, reason)
 
     def remove(self, task: Task, reason: str = "rm") -> None:
         """``rm -r tasks/ID``: kill the task if it still runs, then forget it. ``rm`` of a

@@ -103,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
                    "with the requests it runs at once (default: what the server says, else 4), "
                    "with the file of its API key (mode 600) and of the CAs to check https "
                    "against (repeatable)")
+    m.add_argument("--http", metavar="[HOST:]PORT",
+                   help="serve the OpenAI-compatible API and the live page (HOST default 127.0.0.1; "
+                   "one that is not loopback needs --http-keys)")
+    m.add_argument("--http-keys", metavar="FILE",
+                   help="API keys, 'KEY UID' lines (mode 600): a request is its key's uid's")
+    m.add_argument("--http-open-loopback", action="store_true",
+                   help="with --http-keys, serve loopback clients without a key, as this mount's owner")
     m.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount the tree and stop its daemon")
@@ -123,13 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         print(default_model(state_dir))
         return 0
     mountpoint = args.mountpoint.absolute()
+    from axfs.errors import BadInput
+    from axfs.http.server import parse_options
     from axfs.quota import parse_limits
 
     try:
         parse_limits(args.limit)
+        if args.http or args.http_keys or args.http_open_loopback:
+            if not args.http:
+                raise ValueError("--http-keys and --http-open-loopback need --http [HOST:]PORT")
+            args.http_options = parse_options(args.http, _absolute(args.http_keys),
+                                              args.http_open_loopback, args.multi_user)
         if args.gpu_layers != "auto" and not args.gpu_layers.isdigit():
             raise ValueError(f"--gpu-layers {args.gpu_layers}: expected a number or auto")
-    except ValueError as e:
+    except (ValueError, BadInput) as e:
         print(f"axfs: {e}", file=sys.stderr)
         return 2
     model = args.model.absolute() if args.model else default_model(state_dir)
@@ -186,7 +200,8 @@ def _foreground(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
                         journal=args.journal == "on", cache_cells=args.cache_cells,
                         gpu_layers=None if args.gpu_layers == "auto" else int(args.gpu_layers),
                         idle_unload=args.idle_unload, remote=tuple(args.remote),
-                        overlap={"auto": None, "on": True, "off": False}[args.overlap])
+                        overlap={"auto": None, "on": True, "off": False}[args.overlap],
+                        http=getattr(args, "http_options", None))
     try:
         return serve(opts, ready)
     finally:
@@ -217,6 +232,12 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
         argv.append("--multi-user")
     argv += [f"--limit={spec}" for spec in args.limit]
     argv += [f"--remote={spec}" for spec in args.remote]
+    if args.http:
+        argv.append(f"--http={args.http}")
+    if args.http_keys:
+        argv.append(f"--http-keys={_absolute(args.http_keys)}")
+    if args.http_open_loopback:
+        argv.append("--http-open-loopback")
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                 pass_fds=(write_end,), start_new_session=True)
@@ -230,6 +251,11 @@ def _background(args: argparse.Namespace, mountpoint: Path, model: Path, state_d
     reason = message.removeprefix("error: ") or f"the daemon exited with {proc.returncode}"
     print(f"axfs: cannot mount {mountpoint}: {reason} (log: {log_path})", file=sys.stderr)
     return 1
+
+
+def _absolute(path: str | None) -> str:
+    """A path given on the command line, absolute (the daemon runs elsewhere)."""
+    return os.path.abspath(path) if path else ""
 
 
 def process_alive(pid: int) -> bool:

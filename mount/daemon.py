@@ -22,6 +22,8 @@ import trio
 
 from axfs.errors import BadInput
 from axfs.fs.operations import Operations
+from axfs.http import server as http_server
+from axfs.http.callers import Callers
 from axfs.journal import Journal
 from axfs.kernel import Kernel
 from axfs.models import ModelEntry, Registry, check_name, name_for_file, parse_remote
@@ -72,6 +74,7 @@ class MountOptions:
     idle_unload: float = 600.0  # seconds a model other than the default stays loaded idle (0: never)
     remote: tuple[str, ...] = ()  # --remote values, "NAME=URL[,slots=N][,URL...][,key=PATH][,ca=PATH]"
     overlap: bool | None = None  # a step's text published while the next runs (None: on a GPU)
+    http: http_server.HttpOptions | None = None  # --http: the OpenAI-compatible server (axfs.http)
 
 
 def prepare_mountpoint(mountpoint: Path) -> None:
@@ -109,6 +112,7 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
         if opts.gpu_layers is not None:
             entry.gpu_layers = opts.gpu_layers
             registry.save()
+        callers = http_server.load_callers(opts.http) if opts.http else None
         loader = make_loader(opts)
         driver = loader(entry)
     except (MountError, ModelLoadError, BadInput) as e:
@@ -137,7 +141,8 @@ def serve(opts: MountOptions, ready: Callable[[str], None]) -> int:
             ready(f"error: cannot mount {opts.mountpoint}: {e}")
             return 1
         try:
-            trio.run(_main, kernel, ready)
+            if not trio.run(_main, kernel, ready, opts, callers):
+                return 1
         finally:
             kernel.close()
             with contextlib.suppress(Exception):
@@ -201,14 +206,26 @@ def make_loader(opts: MountOptions) -> Callable[[ModelEntry], LlamaCppDriver]:
     return load
 
 
-async def _main(kernel: Kernel, ready: Callable[[str], None]) -> None:
+async def _main(kernel: Kernel, ready: Callable[[str], None], opts: MountOptions,
+                callers: Callers | None) -> bool:
+    """Serve the tree (and with --http, the HTTP server) until unmounted; False when it
+    could not start (``ready`` was told why)."""
     kernel.restore()  # the journaled tasks are back before the first request is served
     async with trio.open_nursery() as nursery:
         nursery.start_soon(kernel.run)
         nursery.start_soon(_on_signals)
+        if opts.http is not None and callers is not None:
+            try:
+                urls = await nursery.start(http_server.serve, kernel, opts.http, callers, opts.multi_user)
+            except OSError as e:
+                ready(f"error: --http {opts.http.bind}: {e.strerror or e}")
+                nursery.cancel_scope.cancel()
+                return False
+            log.info("http: serving on %s", " ".join(urls))
         ready("ready")
         await pyfuse3.main(min_tasks=IDLE_FUSE_WORKERS, max_tasks=MAX_FUSE_REQUESTS)
         nursery.cancel_scope.cancel()
+    return True
 
 
 async def _on_signals() -> None:

@@ -31,6 +31,8 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq
   apt-get install -y -qq fuse3 libfuse3-dev pkg-config build-essential cmake ninja-build \
     python3 python3-venv python3-dev openssl >/dev/null
+  # Headless Chromium opens the live page in tests/test_http_page.py (which skips without it).
+  apt-get install -y -qq chromium >/dev/null || echo "chromium not installed: the page's test will skip"
 else
   echo "not root or no apt-get: assuming fuse3, libfuse3-dev, pkg-config and a compiler are installed"
 fi
