@@ -150,7 +150,7 @@ MODEL = Dir("NAME", 0o755, "a model: a local GGUF file, or a remote one's endpoi
          "answered 401/403 to the key) or untrusted (bad certificate)", owner=Owner.MODEL,
          render=lambda m, node, uid: views.model_info(m.kernel, node.name).encode(),
          refresh=lambda m, node: m.kernel.refresh_info(node.name), remove=goes_with_its_owner),
-    File("ctl", 0o644, "write \"load\", \"unload\", \"default\", \"endpoints URL... "
+    File("ctl", 0o644, "write \"load\", \"unload\", \"default\", \"endpoints URL [slots=N]... "
          "[key=PATH] [ca=PATH]\", \"gpu_layers N|auto\" or \"template [NAME]\"",
          owner=Owner.MODEL, render=nothing,
          write=writes.write_model_ctl, refresh=lambda m, node: m.kernel.refresh_info(node.name),
