@@ -140,7 +140,7 @@ def test_replays_match_and_a_changed_model_is_a_mismatch(tiny_model: Path, tmp_p
         # cache (the tiny model's by up to 0.04 when another sequence's cells come first).
         # With min_p's default 0.05 that moved the seeded draw of "the first word" at token
         # 135 (195 when the two ran together); this prompt's draw happens not to move. The
-        # test is deterministic; that a seeded replay matches is luck (see notes/logprobs.md).
+        # test is deterministic; that a seeded replay matches is luck (docs/design.md, Replay).
         submit(ax, "greedy", "the first word", 200)
         texts(ax, ["greedy"])
         submit(ax, "seeded", "another word", 200, temperature=0.9, seed=42)
