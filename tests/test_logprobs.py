@@ -96,7 +96,7 @@ def run(ax: Mount, config: str, prompt: str = PROMPT) -> str:
     return name
 
 
-def reference(model: Path, prompt: str, ids: list[int]) -> np.ndarray:
+def reference(model: Path, prompt: str, ids: list[int], deterministic: bool = False) -> np.ndarray:
     """llama.cpp's own log-probabilities of the rows ``ids`` were drawn from, computed
     from the logits llama-cpp-python's Llama gives for the prompt, then each of ``ids``
     in turn, with the same weight layout and attention as axfs: a batch of another shape
@@ -107,14 +107,17 @@ def reference(model: Path, prompt: str, ids: list[int]) -> np.ndarray:
 
     def params() -> lc.llama_model_params:  # weights repacked or not, as axfs loads them
         p = default()
-        p.use_extra_bufts = not cpu_has_amx()
+        p.use_extra_bufts = not cpu_has_amx() and not deterministic
         return p
 
     default = lc.llama_model_default_params
     with mock.patch.object(lc, "llama_model_default_params", params):
         # n_ctx rows of n_vocab scores are kept: no more than the prompt and ids need
+        # deterministic mode's KV type (drivers/determinism.py) where the tree runs in it
+        kv = {"type_k": llama_cpp.GGML_TYPE_Q8_0, "type_v": llama_cpp.GGML_TYPE_Q8_0} \
+            if deterministic else {}
         llm = llama_cpp.Llama(str(model), n_ctx=len(prompt.encode()) + len(ids) + 8,
-                              logits_all=True, flash_attn=True, verbose=False)
+                              logits_all=True, flash_attn=True, verbose=False, **kv)
     try:
         start = llm.tokenize(prompt.encode(), add_bos=True, special=False)
         llm.eval(start)
@@ -135,7 +138,8 @@ def check_against_llama_cpp(ax: Mount, name: str, n: int) -> None:
     fields = [line.split("\t") for line in lines]
     assert [int(f[0]) for f in fields] == list(range(len(lines)))
     ids = [int(f[1]) for f in fields]
-    ref = reference(ax.model, ax.read(f"tasks/{name}/prompt"), ids)
+    deterministic = "deterministic yes" in ax.sh("cat models/*/info").stdout
+    ref = reference(ax.model, ax.read(f"tasks/{name}/prompt"), ids, deterministic)
     for row, f in zip(ref, fields, strict=True):
         token = int(f[1])
         assert row.argmax() == token  # greedy
