@@ -10,7 +10,7 @@ matches; otherwise llama.cpp's batched steps do not give bit-identical logits fo
 sequence decoded alone and inside a batch (docs/design.md, Replay), so a task that ran
 in batches can replay differently, and the result says so (docs/tree.md, Replay). A
 replay runs in the mode its task ran in: a task of the other mode is a mismatch, as a
-changed model file is (notes/determinism.md).
+changed model file is (docs/tree.md, Replay).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class Replays:
     @staticmethod
     def _batched(task: Task) -> str:
         if task.deterministic:
-            return " (the task ran in deterministic mode: see notes/determinism.md)"
+            return " (the task ran in deterministic mode: see docs/tree.md, Replay)"
         most = max((e.batch_max for e in task.timeline if isinstance(e, Steps)), default=1)
         return f" (the task ran in batches of up to {most} sequences; the replay ran alone)" \
             if most > 1 else ""

@@ -1,4 +1,4 @@
-"""Batch-invariant decoding on llama.cpp's CPU backend (notes/determinism.md).
+"""Batch-invariant decoding on llama.cpp's CPU backend (docs/design.md, Replay).
 
 On CPU, llama.cpp gives a sequence logits that depend on what else shares its step and
 on where its KV cells sit, unless all of these hold:

@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="llama.cpp's repacked weight layouts (auto: on unless the CPU has AMX)")
     m.add_argument("--deterministic", choices=["on", "off"], default="on",
                    help="a task's tokens independent of what else runs, on CPU models "
-                   "(notes/determinism.md); off: llama.cpp's default settings")
+                   "(docs/tree.md, Replay); off: llama.cpp's default settings")
     m.add_argument("--policy", choices=["fair", "fifo"], default="fair",
                    help="scheduling: fair shares per user and priority, or first come first served")
     m.add_argument("--allow-other", action="store_true", help="let other users in")

@@ -1,7 +1,7 @@
 """Deterministic mode on Gemma 3 270M through the real mount: tasks that ran in batches
 (prefixes copied from the cache, a fork, a preemption swapped to disk, an aborted step,
 evictions leaving holes, a grammar) replay alone, after a crash, to the same tokens
-(notes/determinism.md)."""
+(docs/design.md, Replay)."""
 
 from __future__ import annotations
 
