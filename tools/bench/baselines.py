@@ -128,10 +128,10 @@ def baseline(model: Path, ns: list[int], max_tokens: int, repeat: int,
 # -- the other baseline: llama.cpp's llama-server, N requests at once over HTTP ------------
 
 @contextlib.contextmanager
-def llama_server(binary: str, model: Path, parallel: int, ctx: int,
-                 repack: bool, ngl: int) -> Iterator[tuple[str, int]]:
+def llama_server(binary: str, model: Path, parallel: int, ctx: int, repack: bool, ngl: int,
+                 env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
     """llama-server on a free loopback port with ``parallel`` slots and ``ngl`` layers on
-    the GPU; yields its URL, pid."""
+    the GPU, in ``env`` (None: this process's); yields its URL, pid."""
     import socket
 
     with socket.socket() as s:
@@ -142,7 +142,7 @@ def llama_server(binary: str, model: Path, parallel: int, ctx: int,
             "-np", str(parallel), "-t", threads, "-tb", threads, "-ngl", str(ngl), "--no-webui"]
     if not repack:
         argv.append("--no-repack")
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
