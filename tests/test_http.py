@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from axfs.tokens import escape
 from tests.conftest import REPO, TINY_CTX, Mount, mounted
@@ -178,15 +179,15 @@ def test_completion_logprobs_are_the_tasks_token_records(web: tuple[Mount, str])
     assert [t for c in streamed for t in c.tokens or []] == lp.tokens
     assert [o for c in streamed for o in c.text_offset or []] == offsets
     rows = answered(token_rows(ax, stream[0].id), chunks[-1].finish_reason)
-    got = [v for c in streamed for v in c.token_logprobs or []]
-    assert all(close(a, b) for a, b in zip(got, [r[0] for r in rows], strict=True))
+    values = [v for c in streamed for v in c.token_logprobs or []]
+    assert all(close(a, b) for a, b in zip(values, [r[0] for r in rows], strict=True))
 
 
 def test_chat_logprobs_are_the_tasks_token_records(web: tuple[Mount, str]) -> None:
     ax, url = web
     ai = client(url)
-    messages: list[dict[str, str]] = [{"role": "user", "content": "Name a colour."}]
-    reply = ai.chat.completions.create(model="chat", messages=messages, max_tokens=12,  # type: ignore[arg-type]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name a colour."}]
+    reply = ai.chat.completions.create(model="chat", messages=messages, max_tokens=12,
                                        logprobs=True, top_logprobs=2)
     choice = reply.choices[0]
     assert "logprobs 2\n" in ax.read(f"tasks/{reply.id}/config")
@@ -201,7 +202,7 @@ def test_chat_logprobs_are_the_tasks_token_records(web: tuple[Mount, str]) -> No
     said = b"".join(bytes(t.bytes or []) for t in content).decode("utf-8", "replace")
     assert said == choice.message.content
     # Streamed, without alternatives (top_logprobs 0: the tree keeps one).
-    chunks = list(ai.chat.completions.create(model="chat", messages=messages, max_tokens=12,  # type: ignore[arg-type]
+    chunks = list(ai.chat.completions.create(model="chat", messages=messages, max_tokens=12,
                                              logprobs=True, stream=True))
     task = chunks[0].id
     assert "logprobs 1\n" in ax.read(f"tasks/{task}/config")
