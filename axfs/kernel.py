@@ -130,6 +130,12 @@ class Kernel:
     def local(self, name: str | None = None) -> LocalRuntime | None:
         return self.loading.local(name)
 
+    def piece_of(self, task: Task) -> Callable[[int], bytes] | None:
+        """A token's bytes in ``task``'s model; None while that model is not loaded here
+        (and for a remote one, whose tokens have no ids)."""
+        runtime = self.local(task.config.model)
+        return runtime.piece if runtime else None
+
     def in_use(self, name: str) -> int:
         return len(self.loading.unfinished(name))
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
+from axfs.tokens import escape
 from tests.conftest import REPO, TINY_CTX, Mount, mounted
 from tests.tinymodel import write_tiny_gguf
 
@@ -128,6 +130,114 @@ def test_refusals_are_statuses_with_the_reason(web: tuple[Mount, str]) -> None:
     answer = httpx.post(url + "/v1/completions", content=b"{not json", timeout=30)
     assert answer.status_code == 400 and "not JSON" in answer.json()["error"]["message"]
     assert httpx.get(url + "/v1/nothing", timeout=30).status_code == 404
+
+
+def token_rows(ax: Mount, task: str) -> list[tuple[float, list[float], str]]:
+    """``tasks/ID/tokens`` of a task run with logprobs: each token's logprob, its
+    alternatives' and its text (escaped: axfs.tokens)."""
+    rows = []
+    for line in ax.read(f"tasks/{task}/tokens").splitlines():
+        _, _, logprob, _, alternatives, text = line.split("\t")
+        rows.append((float(logprob), [float(a.split(":")[1]) for a in alternatives.split(",")], text))
+    return rows
+
+
+def answered(rows: list[tuple[float, list[float], str]], finish: str | None) -> \
+        list[tuple[float, list[float], str]]:
+    """The rows of the answer's tokens: not the end-of-generation token (no stop strings
+    here: ``stop`` is the model's end)."""
+    return rows[:-1] if finish == "stop" else rows
+
+
+def close(a: float, b: float) -> bool:
+    return abs(a - b) < 1e-4  # the tree writes 4 decimals
+
+
+def test_completion_logprobs_are_the_tasks_token_records(web: tuple[Mount, str]) -> None:
+    ax, url = web
+    ai = client(url)
+    prompt = "The capital of France is"
+    whole = ai.completions.create(model="chat", prompt=prompt, max_tokens=12, temperature=0, logprobs=3)
+    choice = whole.choices[0]
+    assert "logprobs 3\n" in ax.read(f"tasks/{whole.id}/config")
+    rows = answered(token_rows(ax, whole.id), choice.finish_reason)
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(rows) > 0
+    for (logprob, alternatives, _), got, top in zip(rows, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert close(got, logprob)
+        # The three likeliest (the greedy token first among them), by their texts.
+        assert all(any(close(v, a) for a in alternatives) for v in top.values()) and len(top) <= 3
+    offsets = lp.text_offset
+    assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] < len(choice.text)
+    # Streamed: the same tokens, each in the chunk whose text it begins, offsets running on.
+    stream = list(ai.completions.create(model="chat", prompt=prompt, max_tokens=12, temperature=0,
+                                       logprobs=3, stream=True))
+    chunks = [c.choices[0] for c in stream if c.choices]
+    streamed = [c.logprobs for c in chunks if c.logprobs is not None]
+    assert len(streamed) > 2 and "".join(c.text for c in chunks) == choice.text
+    assert [t for c in streamed for t in c.tokens or []] == lp.tokens
+    assert [o for c in streamed for o in c.text_offset or []] == offsets
+    rows = answered(token_rows(ax, stream[0].id), chunks[-1].finish_reason)
+    values = [v for c in streamed for v in c.token_logprobs or []]
+    assert all(close(a, b) for a, b in zip(values, [r[0] for r in rows], strict=True))
+
+
+def test_chat_logprobs_are_the_tasks_token_records(web: tuple[Mount, str]) -> None:
+    ax, url = web
+    ai = client(url)
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Name a colour."}]
+    reply = ai.chat.completions.create(model="chat", messages=messages, max_tokens=12,
+                                       logprobs=True, top_logprobs=2)
+    choice = reply.choices[0]
+    assert "logprobs 2\n" in ax.read(f"tasks/{reply.id}/config")
+    assert choice.logprobs is not None and choice.logprobs.content
+    content = choice.logprobs.content
+    rows = answered(token_rows(ax, reply.id), choice.finish_reason)
+    assert len(content) == len(rows)
+    for token, (logprob, alternatives, text) in zip(content, rows, strict=True):
+        assert token.bytes is not None and escape(bytes(token.bytes)) == text
+        assert close(token.logprob, logprob) and len(token.top_logprobs) == 2
+        assert all(close(t.logprob, a) for t, a in zip(token.top_logprobs, alternatives, strict=True))
+    said = b"".join(bytes(t.bytes or []) for t in content).decode("utf-8", "replace")
+    assert said == choice.message.content
+    # Streamed, without alternatives (top_logprobs 0: the tree keeps one).
+    chunks = list(ai.chat.completions.create(model="chat", messages=messages, max_tokens=12,
+                                             logprobs=True, stream=True))
+    task = chunks[0].id
+    assert "logprobs 1\n" in ax.read(f"tasks/{task}/config")
+    content = [t for c in chunks if c.choices and c.choices[0].logprobs
+               for t in c.choices[0].logprobs.content or []]
+    rows = answered(token_rows(ax, task), chunks[-1].choices[0].finish_reason)
+    assert len(content) == len(rows) > 0 and all(t.top_logprobs == [] for t in content)
+    assert all(close(t.logprob, r[0]) for t, r in zip(content, rows, strict=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert b"".join(bytes(t.bytes or []) for t in content).decode("utf-8", "replace") == text
+
+
+def test_sampler_settings_reach_the_tasks_config(web: tuple[Mount, str]) -> None:
+    ax, url = web
+    ai = client(url)
+    reply = ai.completions.create(model="chat", prompt="one two", max_tokens=4, presence_penalty=0.5,
+                                  frequency_penalty=0.25, extra_body={
+                                      "min_p": 0.1, "repeat_penalty": 1.3, "repeat_last_n": 16})
+    config = ax.read(f"tasks/{reply.id}/config")
+    for line in ("min_p 0.1", "repeat_penalty 1.3", "repeat_last_n 16", "presence_penalty 0.5",
+                 "frequency_penalty 0.25"):
+        assert f"{line}\n" in config
+    assert ax.status(reply.id)["state"] == "done"
+    with pytest.raises(openai.BadRequestError, match=r"'repeat_penalty 0'\): 0 is not above 0"):
+        ai.completions.create(model="chat", prompt="hi", extra_body={"repeat_penalty": 0})
+    with pytest.raises(openai.BadRequestError, match=r"'logprobs 21'\): 21 is outside 0..20"):
+        ai.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
+                                   logprobs=True, top_logprobs=21)
+    # A remote model has no logprobs to give (axfs computes them from llama.cpp's logits).
+    ax.sh("mkdir models/far && echo 'endpoints http://127.0.0.1:9' > models/far/ctl")
+    try:
+        with pytest.raises(openai.BadRequestError, match="logprobs: model far is remote"):
+            ai.completions.create(model="far", prompt="hi", logprobs=1)
+    finally:
+        ax.sh("rm -r models/far")
 
 
 def test_a_killed_task_ends_its_stream_with_the_reason(web: tuple[Mount, str]) -> None:

@@ -64,13 +64,53 @@ def test_output_formats() -> None:
               models=MODELS)
 
 
+def test_sampler_settings_and_logprobs_become_config_lines() -> None:
+    ask = parse({"prompt": "x", "min_p": 0.1, "repeat_penalty": 1.2, "repeat_last_n": 32,
+                 "presence_penalty": 0.5, "frequency_penalty": -0.25, "logprobs": 3},
+                chat=False, models=MODELS)
+    config = config_of(ask.config)
+    assert (config.min_p, config.repeat_penalty, config.repeat_last_n, config.presence_penalty,
+            config.frequency_penalty) == (0.1, 1.2, 32, 0.5, -0.25)
+    assert ask.logprobs == 3 and config.logprobs == 3
+    # The tree's 0 is off: an answer that shows no alternatives still keeps one.
+    assert parse({"prompt": "x", "logprobs": 0}, chat=False, models=MODELS).logprobs == 0
+    assert config_of(parse({"prompt": "x", "logprobs": 0}, chat=False, models=MODELS).config).logprobs == 1
+    plain = parse({"prompt": "x", "logprobs": None}, chat=False, models=MODELS)
+    assert plain.logprobs is None and "logprobs" not in plain.config
+    said = [{"role": "user", "content": "Hi"}]
+    chat = parse({"messages": said, "logprobs": True, "top_logprobs": 5}, chat=True, models=MODELS)
+    assert chat.logprobs == 5 and config_of(chat.config).logprobs == 5
+    assert parse({"messages": said, "logprobs": True}, chat=True, models=MODELS).logprobs == 0
+    assert parse({"messages": said, "logprobs": False, "top_logprobs": 0}, chat=True,
+                 models=MODELS).logprobs is None
+    with pytest.raises(BadInput, match="top_logprobs: needs logprobs true"):
+        parse({"messages": said, "top_logprobs": 2}, chat=True, models=MODELS)
+    with pytest.raises(BadInput, match="logprobs: expected true or false"):
+        parse({"messages": said, "logprobs": 2}, chat=True, models=MODELS)
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    ({"repeat_penalty": 0}, "'repeat_penalty 0'.*is not above 0"),
+    ({"min_p": 2}, "'min_p 2'.*outside"),
+    ({"presence_penalty": float("inf")}, "'inf' is not a finite number"),
+    ({"repeat_last_n": -1}, "'repeat_last_n -1'.*outside"),
+    ({"logprobs": 21}, "'logprobs 21'.*outside 0..20"),
+])
+def test_out_of_range_settings_are_the_trees_to_refuse(body: dict[str, object], words: str) -> None:
+    ask = parse({"prompt": "x", **body}, chat=False, models=MODELS)
+    with pytest.raises(BadInput, match=words):
+        config_of(ask.config)
+
+
 @pytest.mark.parametrize(("body", "error", "words"), [
     ({"model": "gpt-4", "prompt": "x"}, NotFound, "no model named 'gpt-4' (models: big, tiny)"),
     ([], BadInput, "a JSON object"),
     ({"prompt": [1, 2]}, BadInput, "token ids are not taken"),
     ({"prompt": "x", "n": 3}, BadInput, "axfs does not support n 3"),
-    ({"prompt": "x", "frequency_penalty": 0.5}, BadInput, "does not support frequency_penalty"),
-    ({"prompt": "x", "logprobs": 2}, BadInput, "does not support logprobs"),
+    ({"prompt": "x", "logit_bias": {"1": 5}}, BadInput, "does not support logit_bias"),
+    ({"prompt": "x", "logprobs": True}, BadInput, "logprobs: expected an integer"),
+    ({"prompt": "x", "top_logprobs": 2}, BadInput, "a chat's parameter"),
+    ({"prompt": "x", "repeat_last_n": 0.5}, BadInput, "repeat_last_n: expected an integer"),
     ({"prompt": "x", "max_tokens": 1.5}, BadInput, "max_tokens: expected an integer"),
     ({"prompt": "x", "temperature": "hot"}, BadInput, "temperature: expected a number"),
     ({"prompt": "x", "stop": [1]}, BadInput, "stop: expected a string"),

@@ -63,8 +63,7 @@ def timeline(m: Mounted, task: Task) -> str:
 
 
 def token_lines(m: Mounted, task: Task) -> str:
-    runtime = m.kernel.local(task.config.model)
-    return tokens.render(task, runtime.piece if runtime else None)
+    return tokens.render(task, m.kernel.piece_of(task))
 
 
 # -- tasks/ ------------------------------------------------------------------------------

@@ -36,10 +36,11 @@ def _head(task: Task, chat: bool, chunk: bool) -> dict[str, Any]:
             "model": task.config.model}
 
 
-def whole(task: Task, chat: bool) -> dict[str, Any]:
-    """The answer of a finished task, not streamed."""
+def whole(task: Task, chat: bool, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The answer of a finished task, not streamed, with its ``logprobs`` if asked
+    (axfs.http.logprobs)."""
     text = task.output.decode("utf-8", "replace")
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(task), "logprobs": None}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(task), "logprobs": logprobs}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -52,11 +53,11 @@ def event(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
-def chunk(task: Task, chat: bool, text: str, first: bool = False, finish: str | None = None
-          ) -> bytes:
-    """A streamed chunk of ``text`` (a chat's first also says the role), or the closing
-    one with its ``finish`` reason."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+def chunk(task: Task, chat: bool, text: str, first: bool = False, finish: str | None = None,
+          logprobs: dict[str, Any] | None = None) -> bytes:
+    """A streamed chunk of ``text`` (a chat's first also says the role), with the
+    ``logprobs`` of its tokens if asked, or the closing one with its ``finish`` reason."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
     if chat:
         delta: dict[str, str] = {"role": "assistant"} if first else {}
         if text or not finish:

@@ -2,10 +2,12 @@
 grammar, and the prompt (a completion's) or the conversation (a chat's).
 
 Each parameter the tree knows becomes its config line, checked by the kernel as a
-line written to ``config`` is (axfs.config); a parameter that would change the answer
-in a way the tree cannot do (``n`` above 1, penalties, logprobs) is refused with the
-reason rather than ignored; others (``user``, ``stream_options`` but its usage flag)
-are ignored, as other servers do.
+line written to ``config`` is (axfs.config): the sampler's (llama-server's names for
+``min_p`` and the penalties) and logprobs (``config logprobs N``, N the alternatives a
+token shows, at least 1: the tree's 0 is off). A parameter that would change the answer
+in a way the tree cannot do (``n`` above 1, ``logit_bias``) is refused with the reason
+rather than ignored; others (``user``, ``stream_options`` but its usage flag) are
+ignored, as other servers do.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from axfs.errors import BadInput, NotFound
 # body key -> config key; numbers checked as config checks them
 NUMBERS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
            "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
-           "priority": "priority", "deadline": "deadline"}
-INTEGERS = frozenset({"max_tokens", "max_completion_tokens", "top_k", "seed", "priority"})
+           "priority": "priority", "deadline": "deadline", "min_p": "min_p",
+           "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+           "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+INTEGERS = frozenset({"max_tokens", "max_completion_tokens", "top_k", "seed", "priority",
+                      "repeat_last_n", "logprobs", "top_logprobs"})
 # Parameters the tree does not have, accepted at the value that changes nothing.
 NEUTRAL: dict[str, tuple[object, ...]] = {
     "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repeat_penalty": (None, 1),
-    "min_p": (None, 0), "typical_p": (None, 1), "tools": (None, []), "functions": (None, []),
+    "logit_bias": (None, {}), "typical_p": (None, 1), "tools": (None, []), "functions": (None, []),
 }
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -44,6 +47,7 @@ class Ask:
     grammar: str = ""  # GBNF the answer must follow
     stream: bool = False
     include_usage: bool = False  # a streamed answer ends with a usage chunk
+    logprobs: int | None = None  # the answer's logprobs show this many alternatives a token
 
 
 def parse(body: object, chat: bool, models: set[str]) -> Ask:
@@ -67,6 +71,9 @@ def parse(body: object, chat: bool, models: set[str]) -> Ask:
     options = body.get("stream_options")
     ask.include_usage = isinstance(options, dict) and options.get("include_usage") is True
     lines += _output(body, ask)
+    ask.logprobs = _logprobs(body, chat)
+    if ask.logprobs is not None:
+        lines.append(f"logprobs {ask.logprobs or 1}")  # out of 0..20: the tree says so
     ask.config = "".join(f"{line}\n" for line in lines)
     if chat:
         ask.turns = _turns(body.get("messages"), _flag(body, "continue_final_message"))
@@ -87,18 +94,38 @@ def _flag(body: dict[str, object], key: str) -> bool:
 
 
 def _numbers(body: dict[str, object]) -> list[str]:
-    lines: list[str] = []
-    for key, config_key in NUMBERS.items():
-        value = body.get(key)
-        if value is None:
-            continue
-        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        if isinstance(value, bool) or not isinstance(value, int | float) \
-                or (key in INTEGERS and not whole):
-            raise BadInput(f"{key}: expected {'an integer' if key in INTEGERS else 'a number'}, "
-                           f"not {json.dumps(value)[:40]}")
-        lines.append(f"{config_key} {int(value) if key in INTEGERS else value!r}")
-    return lines
+    return [f"{config_key} {_number(body, key)!r}" for key, config_key in NUMBERS.items()
+            if body.get(key) is not None]
+
+
+def _number(body: dict[str, object], key: str) -> int | float:
+    value = body[key]
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or (key in INTEGERS and not whole):
+        raise BadInput(f"{key}: expected {'an integer' if key in INTEGERS else 'a number'}, "
+                       f"not {json.dumps(value)[:40]}")
+    return int(value) if key in INTEGERS else value
+
+
+def _logprobs(body: dict[str, object], chat: bool) -> int | None:
+    """The alternatives a token the answer's logprobs show, None for no logprobs: a chat's
+    ``top_logprobs`` (0 unless given) when its ``logprobs`` is true, a completion's
+    ``logprobs`` (0 too gives the tokens' own, as OpenAI's)."""
+    top = body.get("top_logprobs")
+    if chat and _flag(body, "logprobs"):
+        return _integer(body, "top_logprobs") if top is not None else 0
+    if top not in (None, 0):
+        raise BadInput("top_logprobs: needs logprobs true" if chat else
+                       "top_logprobs: a chat's parameter (a completion's is logprobs N)")
+    value = body.get("logprobs")
+    if chat or value is None or value is False:  # (0 == False: not ``in``)
+        return None
+    return _integer(body, "logprobs")
+
+
+def _integer(body: dict[str, object], key: str) -> int:
+    return int(_number(body, key))
 
 
 def _stops(stop: object) -> list[str]:

@@ -4,7 +4,8 @@ kernel, and the task's answer back, whole or streamed.
 A request is made into a task as a shell makes one: a draft named ``http-N``
 (``mkdir``), its parameters (``config``), its schema or grammar, then its prompt
 (``submit``), each checked and refused by the kernel as those writes are; a refused
-request leaves no draft behind. Its answer is read from the task as ``stream`` is read.
+request leaves no draft behind. Its answer is read from the task as ``stream`` is read,
+with, when asked, the logprobs of its tokens from their records (axfs.http.logprobs).
 While it runs, a client that closes its connection ends the task (killed, with that
 reason in its error and the trace), and a task killed in the tree ends its answer
 with the reason (HTTP 410, or an error event in a stream).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import trio
 from starlette.requests import ClientDisconnect, Request
@@ -24,6 +26,7 @@ from axfs.errors import AxfsError
 from axfs.http import answer
 from axfs.http.ask import Ask, parse
 from axfs.http.callers import Caller, Callers, Unauthorized
+from axfs.http.logprobs import Logprobs
 from axfs.http.status import FAILED, KILLED, error, error_body, status_of
 from axfs.kernel import Kernel
 from axfs.task import State, Task
@@ -115,6 +118,7 @@ class TaskAnswer(Response):
         self.kernel = kernel
         self.task = task
         self.ask = ask
+        self.logprobs = Logprobs(task, ask.chat, ask.logprobs) if ask.logprobs is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = self.task
@@ -146,11 +150,18 @@ class TaskAnswer(Response):
             return KILLED, f"task {task.id} was killed" + (f": {task.error}" if task.error else "")
         return FAILED, f"task {task.id} failed: {task.error or task.finish_reason}"
 
+    def _logprobs(self, published: int) -> dict[str, Any] | None:
+        """If asked, the logprobs of the tokens not yet sent whose text begins in the
+        first ``published`` bytes of the answer."""
+        if self.logprobs is None:
+            return None
+        return self.logprobs.take(published, self.kernel.piece_of(self.task))
+
     async def _whole(self, send: Send) -> None:
         task = self.task
         await task.ended.wait()
         if task.state is State.DONE:
-            status, body = 200, answer.whole(task, self.ask.chat)
+            status, body = 200, answer.whole(task, self.ask.chat, self._logprobs(len(task.output)))
         else:
             status, reason = self._refusal()
             body = error_body(status, reason)
@@ -168,7 +179,8 @@ class TaskAnswer(Response):
             if len(task.output) > sent:  # whole UTF-8 characters (axfs.task)
                 text = task.output[sent:].decode("utf-8", "replace")
                 sent = len(task.output)
-                await _body_part(send, answer.chunk(task, chat, text, first))
+                await _body_part(send, answer.chunk(task, chat, text, first,
+                                                    logprobs=self._logprobs(sent)))
                 first = False
             elif task.finished:
                 break
