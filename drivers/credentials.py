@@ -39,17 +39,25 @@ def _read(path: str) -> tuple[bytes, os.stat_result]:
     return data, st
 
 
-def read_key(path: str) -> str:
-    """The API key in file ``path``: one line of printable characters. ValueError (or
-    OSError) saying why not, without the file's content."""
+def read_private(path: str, what: str) -> bytes:
+    """The content of ``path``, a file only the user axfs runs as may read (a key file,
+    the HTTP face's keys file: ``what`` names it in errors). ValueError (or OSError)
+    saying why not, without the file's content."""
     data, st = _read(path)
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
-        raise ValueError(f"key file {path} is mode {mode:04o}: its group and others may use it; "
+        raise ValueError(f"{what} {path} is mode {mode:04o}: its group and others may read it; "
                          f"it must be readable by its owner only (chmod 600 {path})")
     if st.st_uid != os.geteuid():
-        raise ValueError(f"key file {path} belongs to uid {st.st_uid}, not to uid {os.geteuid()} "
+        raise ValueError(f"{what} {path} belongs to uid {st.st_uid}, not to uid {os.geteuid()} "
                          "that axfs runs as")
+    return data
+
+
+def read_key(path: str) -> str:
+    """The API key in file ``path``: one line of printable characters. ValueError (or
+    OSError) saying why not, without the file's content."""
+    data = read_private(path, "key file")
     key = data.strip()
     if not key or any(not 0x21 <= b <= 0x7E for b in key):
         raise ValueError(f"key file {path} does not hold a key: expected one line of printable "

@@ -45,7 +45,7 @@ def test_open_loopback_serves_loopback_clients_as_the_owner(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("text", "mode", "words"), [
-    (f"{KEY_A} 1001\n", 0o640, "mode 0640: its group and others may read the keys"),
+    (f"{KEY_A} 1001\n", 0o640, "mode 0640: its group and others may read it"),
     (f"{KEY_A}\n", 0o600, "line 1: expected KEY UID"),
     ("short 1001\n", 0o600, "line 1: a key is at least 16"),
     (f"{KEY_A} nosuchuser-here\n", 0o600, "line 1: no user 'nosuchuser-here'"),

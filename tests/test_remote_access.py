@@ -124,7 +124,7 @@ async def test_a_key_the_server_echoes_is_not_shown() -> None:
 
 def test_key_and_ca_files_are_checked(tmp_path: Path) -> None:
     assert read_key(str(key_file(tmp_path / "ok"))) == KEY
-    with pytest.raises(ValueError, match=r"mode 0640: its group and others may use it; .*chmod 600"):
+    with pytest.raises(ValueError, match=r"mode 0640: its group and others may read it; .*chmod 600"):
         read_key(str(key_file(tmp_path / "open", mode=0o640)))
     theirs = key_file(tmp_path / "theirs")
     os.chown(theirs, 65534, -1)

@@ -20,14 +20,12 @@ import hashlib
 import ipaddress
 import os
 import pwd
-import stat
 from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from drivers.files import open_regular
+from drivers.credentials import read_private
 
-MAX_FILE_BYTES = 1 << 20
 MIN_KEY_CHARS = 16  # a key shorter than this can be guessed
 
 
@@ -58,18 +56,7 @@ def _digest(key: str) -> bytes:
 def read_keys(path: str) -> dict[bytes, int]:
     """The keys file at ``path``: each key's SHA-256 -> its uid. ValueError (or OSError)
     saying what is wrong, without any key."""
-    with os.fdopen(open_regular(path), "rb") as f:
-        st = os.fstat(f.fileno())
-        data = f.read(MAX_FILE_BYTES + 1)
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise ValueError(f"keys file {path} is mode {mode:04o}: its group and others may read the "
-                         f"keys; it must be readable by its owner only (chmod 600 {path})")
-    if st.st_uid != os.geteuid():
-        raise ValueError(f"keys file {path} belongs to uid {st.st_uid}, not to uid {os.geteuid()} "
-                         "that axfs runs as")
-    if len(data) > MAX_FILE_BYTES:
-        raise ValueError(f"keys file {path} is larger than {MAX_FILE_BYTES} bytes")
+    data = read_private(path, "keys file")
     keys: dict[bytes, int] = {}
     for n, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
         words = raw.split()

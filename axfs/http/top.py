@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from axfs import privacy
+from axfs.fields import parse_fields
 from axfs.fs import views
 from axfs.http.callers import Callers, Unauthorized
 from axfs.http.status import error
@@ -31,19 +32,9 @@ ENDED_SHOWN = 50  # ended tasks on the page, newest first, after every unfinishe
 PROMPT_CHARS = 120
 
 
-def fields(text: str) -> dict[str, str]:
-    """``key value`` and ``Key: value`` lines as a dict (as tools/axctl/tree.py reads them)."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key:
-            out[key.removesuffix(":")] = value.strip()
-    return out
-
-
 def sections(text: str) -> list[dict[str, str]]:
     """A file of sections (one a model, a blank line between) as their fields."""
-    return [fields(part) for part in text.split("\n\n") if part.strip()]
+    return [parse_fields(part) for part in text.split("\n\n") if part.strip()]
 
 
 class Top:
@@ -83,7 +74,7 @@ class Top:
     def _row(self, task: Task, viewer: privacy.Viewer) -> dict[str, str]:
         runtime = self.kernel.runtimes.get(task.config.model)
         cell_bytes = runtime.kv.cell_bytes if isinstance(runtime, LocalRuntime) else 0
-        row = fields(views.status(task, cell_bytes))
+        row = parse_fields(views.status(task, cell_bytes))
         own = viewer is None or viewer == task.uid
         row["id"] = task.id if own else privacy.shown_id(task.id)
         row["user"] = user_name(task.uid)

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from axfs.fields import parse_fields
 from tools.axctl.overview import user_name
-from tools.axctl.tree import ENDED, STATES, Tree, TreeError, first_number, parse_fields
+from tools.axctl.tree import ENDED, STATES, Tree, TreeError, first_number
 
 HELP = "q quit  up/down select  < > sort column  r reverse  k kill  a show/hide ended"
 

@@ -16,22 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from axfs.fields import parse_fields
+
 ENDED = ("done", "failed", "killed")
 STATES = ("running", "preempted", "queued", "draft", *ENDED)
 
 
 class TreeError(Exception):
     """The tree cannot be reached, or it refused an operation; the message is for people."""
-
-
-def parse_fields(text: str) -> dict[str, str]:
-    """``key value`` and ``Key: value`` lines as a dict (the key without its colon)."""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key:
-            fields[key.removesuffix(":")] = value.strip()
-    return fields
 
 
 def first_number(value: str | None, default: float = 0.0) -> float:
