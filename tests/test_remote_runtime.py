@@ -96,6 +96,17 @@ async def finished(task: Task) -> None:
             await task.changed.wait()
 
 
+async def run_to_end(rt: RemoteRuntime, *tasks: Task) -> None:
+    """Run ``rt`` with ``tasks`` added until every one of them has finished."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rt.run)
+        for task in tasks:
+            rt.add(task)
+        for task in tasks:
+            await finished(task)
+        nursery.cancel_scope.cancel()
+
+
 async def until(condition: Callable[[], bool]) -> None:
     with trio.fail_after(5):
         while not condition():
@@ -123,12 +134,8 @@ async def test_text_streams_in_and_the_servers_count_and_ending_are_kept() -> No
     client = FakeClient(["Hel", "lo", "!"], finish="length", tokens=5)
     rt, ended = runtime(client)
     task = submitted("a", max_tokens=5, temperature=0.0, stop=["x"])
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(rt.run)
-        rt.add(task)
-        client.release.set()
-        await finished(task)
-        nursery.cancel_scope.cancel()
+    client.release.set()
+    await run_to_end(rt, task)
     assert task.output == b"Hello!" and task.num_generated == 5
     assert task.state is State.DONE and task.finish_reason is Finish.LENGTH and ended == [task]
     req = client.requests[0]
@@ -141,12 +148,8 @@ async def test_the_sampler_settings_go_to_the_server() -> None:
     rt, _ = runtime(client)
     task = submitted("a", min_p=0.2, repeat_penalty=1.5, repeat_last_n=1000,
                      presence_penalty=0.5, frequency_penalty=-0.25)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(rt.run)
-        rt.add(task)
-        client.release.set()
-        await finished(task)
-        nursery.cancel_scope.cancel()
+    client.release.set()
+    await run_to_end(rt, task)
     payload = Progress(client.requests[0]).payload("far")
     assert {k: payload[k] for k in ("min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
                                     "frequency_penalty")} == {
@@ -158,12 +161,8 @@ async def test_an_error_fails_the_task_with_the_reason() -> None:
     client = FakeClient([], error="all endpoints down")
     rt, ended = runtime(client)
     task = submitted("a")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(rt.run)
-        rt.add(task)
-        client.release.set()
-        await finished(task)
-        nursery.cancel_scope.cancel()
+    client.release.set()
+    await run_to_end(rt, task)
     assert task.state is State.FAILED and task.finish_reason is Finish.ERROR
     assert task.error == "remote error: all endpoints down" and ended == [task]
 
@@ -275,13 +274,7 @@ async def test_a_task_with_text_already_is_sent_on_from_it_and_a_chat_as_turns()
     chat = submitted("c", max_tokens=5)
     chat.turns = [("user", "hi")]
     client.release.set()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(rt.run)
-        rt.add(restored)
-        rt.add(chat)
-        await finished(restored)
-        await finished(chat)
-        nursery.cancel_scope.cancel()
+    await run_to_end(rt, restored, chat)
     first, second = sorted(client.payloads, key=lambda p: "messages" in p)
     assert first["prompt"] == "prompt rso far" and first["max_tokens"] == 8
     assert restored.output == b"so far!" and restored.num_generated == 3
@@ -295,13 +288,7 @@ async def test_with_every_endpoint_down_for_give_up_s_the_waiting_tasks_fail() -
     rt = RemoteRuntime("far", [f"http://127.0.0.1:{free_port()}"], Trace(), slots=[1],
                        retry_s=0.1, give_up_s=0.3)
     tasks = [submitted(str(i)) for i in range(4)]
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(rt.run)
-        for task in tasks:
-            rt.add(task)
-        for task in tasks:
-            await finished(task)
-        nursery.cancel_scope.cancel()
+    await run_to_end(rt, *tasks)
     for task in tasks:
         assert task.state is State.FAILED and "no endpoint answers" in task.error, task.error
         assert "Connection refused" in task.error
