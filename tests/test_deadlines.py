@@ -18,7 +18,7 @@ from drivers import grammar
 from tests.conftest import Mount
 from tests.fakes import FakeDriver, local
 from tests.test_axctl import axctl
-from tests.test_remote_runtime import FakeClient, finished, runtime, submitted
+from tests.test_remote_runtime import FakeClient, run_to_end, runtime, submitted
 from tests.test_sched import run_until, start
 
 
@@ -125,13 +125,7 @@ async def test_a_remote_task_ends_at_its_deadline_and_its_grammar_is_sent() -> N
     rt, ended = runtime(client, slots=1)
     running = submitted("a", deadline=0.2, format="json")
     waiting = submitted("b", deadline=0.2)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(rt.run)
-        rt.add(running)
-        rt.add(waiting)
-        await finished(running)
-        await finished(waiting)
-        nursery.cancel_scope.cancel()
+    await run_to_end(rt, running, waiting)
     assert running.state is State.DONE and running.finish_reason is Finish.DEADLINE
     assert waiting.state is State.FAILED and "passed before it could start" in waiting.error
     assert client.requests[0].grammar == grammar.JSON and set(ended) == {running, waiting}
