@@ -14,6 +14,7 @@ import contextlib
 import gc
 import json
 import os
+import resource
 import shlex
 import subprocess
 import time
@@ -52,6 +53,30 @@ class Round:
     wall_s: float
     requests: list[Request]
     others_cpu: float  # share of the machine's CPU that other processes used meanwhile
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # whose CPU time the round took
+
+
+def cpu_meter(daemon: int | None = None) -> Callable[[], dict[str, float]]:
+    """Meters the CPU time (ms) this process and its waited-for children (the ``cat``s)
+    take from now on, and with ``daemon`` that process's: its main thread (the trio
+    thread: FUSE requests, the kernel) apart from all its others (the step thread and
+    llama.cpp's, with any short-lived helper)."""
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+
+    def ticks(path: str) -> int:
+        return sum(int(x) for x in Path(path).read_text().rsplit(")", 1)[1].split()[11:13])
+
+    def now() -> dict[str, float]:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = {"client": 1000 * (me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime)}
+        if daemon is not None:
+            main = ticks(f"/proc/{daemon}/task/{daemon}/stat") * tick_ms
+            out["trio thread"] = main
+            out["model threads"] = ticks(f"/proc/{daemon}/stat") * tick_ms - main
+        return out
+
+    start = now()
+    return lambda: {k: v - start[k] for k, v in now().items()}
 
 
 def others_meter(*pids: int) -> Callable[[], float]:
@@ -117,9 +142,10 @@ def baseline(model: Path, ns: list[int], max_tokens: int, repeat: int,
     results: dict[int, list[Round]] = {}
     for n in ns:
         for _ in range(repeat):
-            start, others = time.time(), others_meter()
+            start, others, cpu = time.time(), others_meter(), cpu_meter()
             requests = [sequential(llm, p, max_tokens) for p in prompts_for(n)]
-            results.setdefault(n, []).append(Round(time.time() - start, requests, others()))
+            results.setdefault(n, []).append(Round(time.time() - start, requests, others(),
+                                                      {"model": cpu()["client"]}))
     del llm  # free the model and its context before axfs loads its own
     gc.collect()
     return results
@@ -204,7 +230,7 @@ class Raw:
         from drivers.base import Piece, Sampling
 
         d = self.driver
-        start, others = time.time(), others_meter()
+        start, others, cpu = time.time(), others_meter(), cpu_meter()
         tokens = [d.tokenize(PROMPTS[p]) for p in prompts]
         for seq in range(len(prompts)):
             d.open_seq(seq, Sampling())
@@ -234,4 +260,4 @@ class Raw:
         for seq in range(len(prompts)):
             d.close_seq(seq)
         requests = [Request(p, (firsts[i] - start) * 1000, counts[i]) for i, p in enumerate(prompts)]
-        return Round(time.time() - start, requests, others())
+        return Round(time.time() - start, requests, others(), {"model": cpu()["client"]})
