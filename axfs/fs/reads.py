@@ -56,15 +56,18 @@ async def stream(m: Mounted, h: Handle, off: int, size: int) -> bytes:
     task = h.task
     if task is None:
         raise fail(errno.EBADF)
-    check_at = trio.current_time() + POLL_SECONDS
+    now = trio.current_time()
+    check_at = now + POLL_SECONDS
+    # A reader back sooner than its share waits out the rest first, woken by the task's
+    # end and not by every token: one wait, whether the text came before it or during it.
+    hold_until = h.last_read + min(MAX_HOLD_S, m.streams / STREAM_READS_PER_S)
+    if now < hold_until and not task.finished and task.state is not State.DRAFT \
+            and len(task.output) - off < size:
+        with trio.move_on_at(hold_until):
+            await task.ended.wait()
     while True:
         changed = task.changed
         if len(task.output) > off or task.finished or task.state is State.DRAFT:
-            share = min(MAX_HOLD_S, m.streams / STREAM_READS_PER_S)
-            hold = h.last_read + share - trio.current_time()
-            if hold > 0 and not task.finished and len(task.output) - off < size:
-                with trio.move_on_after(hold):  # woken by the end, not by every token
-                    await task.ended.wait()
             h.last_read = trio.current_time()
             return bytes(task.output[off : off + size])
         with trio.move_on_at(check_at):
