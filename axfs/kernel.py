@@ -82,6 +82,7 @@ class Kernel:
                                        self.refusals, keeper)
         self.task_control = TaskControl(self.table, self.loading, self.submissions, self.refusals,
                                         keeper)
+        self.on_remove = self.task_control.on_remove  # told (task, reason) of each removal
         self.restorer = Restore(self.table, self.loading, self.submissions)
         self.replays = Replays(self.trace, self.loading.local)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from axfs import ctl
 from axfs.config import TaskConfig, parse_setting
 from axfs.errors import AxfsError, BadInput, Busy
@@ -29,6 +31,8 @@ class TaskControl:
         self.quota = table.quota
         self.keeper = keeper
         self.trace = loading.trace
+        # Told of each task removed, with the reason ("rm": by rmdir through the tree).
+        self.on_remove: list[Callable[[Task, str], None]] = []
 
     def check_config(self, task: Task, text: str, reset: bool = False) -> TaskConfig:
         """What ``text`` written to the task's config would make it (from a new task's
@@ -143,3 +147,5 @@ class TaskControl:
         self.table.drop(task)
         self.refusals.forget(task)
         self.trace.emit(Event.REMOVE, task.id, task.uid, reason=reason)
+        for told in self.on_remove:
+            told(task, reason)

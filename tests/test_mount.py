@@ -197,6 +197,18 @@ def test_rm_r_removes_a_task_killing_it_first(ax: Mount) -> None:
     assert f"{task} 0 kill" in ax.read("trace")
 
 
+def test_a_task_name_is_free_again_as_soon_as_it_is_removed(ax: Mount) -> None:
+    """The kernel keeps the lookup of tasks/NAME for a while (axfs/fs/operations.py,
+    KEPT): rm -r must free the name at once, and a stat of it must say it is gone."""
+    ax.sh("mkdir tasks/again && echo max_tokens 2 > tasks/again/config && echo hi > tasks/again/prompt")
+    ax.wait_state("again", "done")
+    ax.sh("cat tasks/again/stream > /dev/null && rm -r tasks/again")
+    assert ax.sh("test -e tasks/again; echo $?").stdout.strip() == "1"
+    ax.sh("mkdir tasks/again && echo max_tokens 1 > tasks/again/config && echo hi > tasks/again/prompt")
+    ax.wait_state("again", "done")
+    assert ax.status("again")["generated_tokens"] == "1"
+
+
 def test_ls_lr_and_grep_r_start_no_work(ax: Mount) -> None:
     new_task(ax, max_tokens=2)
     ax.sh("mkdir tasks/draft-only")

@@ -183,3 +183,21 @@ async def test_readme_has_a_line_for_everything_the_tree_lists(ops: Operations,
             if stat.S_ISDIR(attrs.st_mode):
                 paths.append(full)
     assert "tasks/ID/timeline" in found and "models/NAME/info" in found and "users/UID" in found
+
+
+async def test_a_task_removed_but_not_by_rmdir_is_forgotten_by_the_kernel(
+        ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel keeps the lookup of tasks/ID (operations.KEPT): a removal that is not an
+    rmdir through the tree (which drops the name in the kernel itself) must tell it to
+    forget the name, or a mkdir of the same name would fail with EEXIST for a while."""
+    told: list[tuple[int, bytes]] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_entry_async",
+                        lambda ino, name, ignore_enoent=False: told.append((ino, name)))
+    tasks = await path_ino(ops, "tasks")
+    kept = await ops.mkdir(tasks, b"kept", 0o755, CTX)  # type: ignore[arg-type]
+    assert kept.entry_timeout > 0
+    ops.init()  # as pyfuse3 does once mounted
+    for name, reason in (("a", "rm"), ("b", "retention"), ("c", "refused")):
+        await ops.mkdir(tasks, name.encode(), 0o755, CTX)  # type: ignore[arg-type]
+        ops.kernel.remove(ops.kernel.get(name), reason=reason)
+    assert told == [(tasks, b"b"), (tasks, b"c")]

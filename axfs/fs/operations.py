@@ -22,7 +22,7 @@ from axfs.errors import Busy
 from axfs.fs.boundary import boundary as _boundary
 from axfs.fs.boundary import fail as _fail
 from axfs.fs.edits import Edit
-from axfs.fs.files import ROOT
+from axfs.fs.files import ROOT, TASK, TASKS
 from axfs.fs.tree import Dir, File, Handle, Link, Node, Owner
 from axfs.fs.writes import Writes
 from axfs.kernel import Kernel
@@ -43,6 +43,11 @@ ROOT_NODE = Node(ROOT)
 # change) is asked for every time.
 CACHE_S = 1.0
 FIXED = ROOT.fixed()
+# A task's directory, too: its name names the same task until the task is removed, and a
+# removal that is not an rmdir through the tree (retention, a refused HTTP request) tells
+# the kernel to forget the name (``_removed``). Each path to one of its files walked
+# through a lookup of it before: 4 of the 9 lookups a task in tools/bench/throughput.
+KEPT = FIXED | {TASK}
 # A file's attributes (its size, the prompt's write bits) change, but the kernel asks for
 # them twice in a row on every open: for the permission check, then for the opener's
 # fstat. Kept this long, one answer serves both, and a size seen is at most this old.
@@ -64,6 +69,18 @@ class Operations(Writes, pyfuse3.Operations):
         self._next_fh = 1
         self.copies: dict[str, ModelCopy] = {}  # models/FILENAME being copied in
         self.started = time.time_ns()
+        self.mounted = False  # set by pyfuse3 (init) once the kernel is there to be told
+        kernel.on_remove.append(self._removed)
+
+    def init(self) -> None:
+        self.mounted = True
+
+    def _removed(self, task: Task, reason: str) -> None:
+        """A task removed: unless by rmdir (the kernel then drops the name itself), the
+        kernel's kept lookup of tasks/ID must go (see KEPT)."""
+        if self.mounted and reason != "rm":
+            pyfuse3.invalidate_entry_async(self._ino(Node(TASKS, ROOT_NODE.name)),
+                                           os.fsencode(task.id), ignore_enoent=True)
 
     # -- inodes and nodes ----------------------------------------------------------
 
@@ -138,7 +155,7 @@ class Operations(Writes, pyfuse3.Operations):
         row = node.row
         a = pyfuse3.EntryAttributes()
         a.st_ino = self._ino(node)
-        a.entry_timeout = CACHE_S if row in FIXED else 0
+        a.entry_timeout = CACHE_S if row in KEPT else 0
         a.attr_timeout = (CACHE_S if isinstance(row, Dir) else
                           0 if isinstance(row, File) and row.volatile else FILE_ATTR_S)
         a.st_uid, a.st_gid = 0, 0
