@@ -38,9 +38,8 @@ ROOT_NODE = Node(ROOT)
 # the daemon again for each component's lookup and, for the permission check of each
 # directory on the way, its attributes: 36 of the 93 FUSE requests a task of 64 tokens
 # took in tools/bench/throughput's 64-task rounds, now 11 (docs/benchmarks.md, the hot
-# path). Everything else
-# (names that come and go, and are private to their user; files whose size and mode
-# change) is asked for every time.
+# path). Everything else (names that come and go, as models/NAME and latest, or are shown
+# only at times; files whose size and mode change) is asked for every time.
 CACHE_S = 1.0
 FIXED = ROOT.fixed()
 # A task's directory, too: its name names the same task until the task is removed, and a
