@@ -7,7 +7,7 @@ come free if a sequence went.
 A slot is free, running (an admitted task's sequence) or cached (the sequence of a task
 that ended, kept so that a later prompt with the same beginning copies it instead of
 computing it again; evicted least recently used first when its slot or cells are
-needed).
+needed, and at once when it is short and no longer the newest: ``MIN_KEPT``).
 
 Admission is check, then commit: ``plan`` works out which sequence to copy a prefix
 from, which slot to use and which cached sequences to evict, without changing
@@ -31,6 +31,14 @@ from axfs.task import Task
 from drivers.base import SeqState
 
 MIN_PREFIX = 8  # shortest shared prefix worth copying (every prompt shares its BOS)
+# An ended sequence shorter than this stays cached only while it is the newest cached one
+# (a conversation or a fork goes on from it). Every cell the cache holds slows every
+# step: llama.cpp builds each step's attention mask over, and flash attention walks,
+# every cell up to the last used one. 4,096 cached cells of idle sequences took 32 tiny-
+# model streams to 0.61x of their rate and 16 Gemma 3 270M streams to 0.89x (docs/
+# benchmarks.md, "Cached cells cost every step"), while a prompt this short is computed
+# again within one batched step.
+MIN_KEPT = 256
 WAIT_GAIN = 32  # a task waits for a prefix another task is computing if it saves this many
 RESERVE_AHEAD = 256  # cells a task reserves beyond what it has used
 
@@ -92,7 +100,7 @@ class KVManager:
         self.cell_bytes = cell_bytes
         self.prefix_cache = prefix_cache
         # Cells held only by cached sequences, at most: llama.cpp's attention spans every
-        # used cell of the unified cache, so cached cells slow every step a little.
+        # used cell of the unified cache, so cached cells slow every step (MIN_KEPT).
         self.cache_limit = capacity_cells // 4 if cache_limit is None else cache_limit
         self.counters = KVCounters()
         self.blocks = BlockTable(slots)
@@ -318,9 +326,15 @@ class KVManager:
         return [slot]
 
     def _trim_cache(self) -> list[int]:
-        """Evict the least recently used cached sequences past ``cache_limit`` cells (the
-        newest one stays, so that a conversation can go on)."""
-        out: list[int] = []
+        """Evict the cached sequences shorter than ``MIN_KEPT`` but the newest, then the
+        least recently used past ``cache_limit`` cells (the newest one stays, so that a
+        conversation can go on)."""
+        newest = next(reversed(self._cached))
+        out = [s for s in self._cached if s != newest and self.cells(s) < MIN_KEPT]
+        for slot in out:
+            self._drop(slot)
+            self._free.append(slot)
+            self.counters.evictions += 1
         while len(self._cached) > 1 and self.stats().cached_cells > self.cache_limit:
             slot = next(iter(self._cached))
             self._drop(slot)

@@ -11,7 +11,7 @@ import trio
 from axfs.config import TaskConfig
 from axfs.fs import views
 from axfs.kernel import Kernel
-from axfs.kv import WAIT_GAIN, KVManager
+from axfs.kv import MIN_KEPT, WAIT_GAIN, KVManager
 from axfs.prefixes import common_prefix
 from axfs.swap import SwapSpace
 from axfs.task import State, Task
@@ -57,21 +57,38 @@ def test_shared_cells_count_once_and_go_with_their_last_holder() -> None:
 
 
 def test_a_full_cache_evicts_the_least_recently_used_cached_sequence() -> None:
-    kv = KVManager(capacity_cells=300, slots=8, cell_bytes=2, seq_limit=300, cache_limit=300)
-    old, new = made([1] * 100, 0), made([2] * 100, 0)
+    kv = KVManager(capacity_cells=900, slots=8, cell_bytes=2, seq_limit=900, cache_limit=900)
+    old, new = made([1] * 300, 0), made([2] * 300, 0)
     for t in (old, new):
         adm = kv.plan(t)
         assert adm is not None
         kv.commit(adm)
-        kv.blocks.grow(t.seq or 0, 100)
-        t.num_cached = 100
+        kv.blocks.grow(t.seq or 0, 300)
+        t.num_cached = 300
         kv.release(t, cache=True)
-    third = made([3] * 150, 0)
+    third = made([3] * 450, 0)
     adm = kv.plan(third)
     assert adm is not None and adm.evict == [0]  # old had slot 0
     kv.commit(adm)
     assert kv.counters.evictions == 1 and kv.stats().slots_cached == 1
     assert kv.cached(1) is not None and kv.cached(0) is None
+
+
+def test_a_short_ended_sequence_stays_cached_only_while_it_is_the_newest() -> None:
+    kv = KVManager(capacity_cells=4000, slots=8, cell_bytes=2, seq_limit=4000)
+    ended = []
+    for first, n in ((1, MIN_KEPT), (2, 50), (3, 60)):
+        t = made([first] * n, 0)
+        adm = kv.plan(t)
+        assert adm is not None
+        kv.commit(adm)
+        kv.blocks.grow(t.seq or 0, n)
+        t.num_cached = n
+        ended.append(t.seq)
+        kv.release(t, cache=True)
+    # the long one and the newest short one; the older short one went at once
+    assert kv.cached_slots() == [ended[0], ended[2]]
+    assert kv.counters.evictions == 1 and kv.stats().cached_cells == MIN_KEPT + 60
 
 
 def test_a_task_too_big_for_what_can_be_freed_waits() -> None:
@@ -100,7 +117,7 @@ async def finish(k: Kernel, prompt: str, max_tokens: int = 5, uid: int = 1) -> T
 
 
 async def test_a_prompt_that_begins_like_an_ended_one_copies_its_prefix(kernel: Kernel) -> None:
-    system = "system: be brief. " * 5
+    system = "system: be brief. " * 15  # long enough to stay cached (MIN_KEPT)
     first = await finish(kernel, system + "question one")
     driver = local(kernel).driver
     assert isinstance(driver, FakeDriver)

@@ -93,8 +93,9 @@ async def test_a_fork_gives_the_text_of_its_whole_context_from_scratch(tiny_mode
 
 async def test_cell_counts_agree_with_llama_cpp(tiny_model: Path) -> None:
     async with kernel(tiny_model) as k:
-        first = await done(k, SYSTEM + "first")
-        second = await done(k, SYSTEM + "second", max_tokens=40)
+        system = SYSTEM * 12  # long enough for both to stay cached (MIN_KEPT)
+        first = await done(k, system + "first")
+        second = await done(k, system + "second", max_tokens=40)
         await trio.sleep(0.1)  # the engine is idle: nothing runs
         driver = local(k).driver
         assert isinstance(driver, LlamaCppDriver)
