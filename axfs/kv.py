@@ -35,9 +35,9 @@ MIN_PREFIX = 8  # shortest shared prefix worth copying (every prompt shares its 
 # (a conversation or a fork goes on from it). Every cell the cache holds slows every
 # step: llama.cpp builds each step's attention mask over, and flash attention walks,
 # every cell up to the last used one. 4,096 cached cells of idle sequences took 32 tiny-
-# model streams to 0.61x of their rate and 16 Gemma 3 270M streams to 0.89x (docs/
-# benchmarks.md, "Cached cells cost every step"), while a prompt this short is computed
-# again within one batched step.
+# model streams to 0.55x of their rate and 16 Gemma 3 270M streams to 0.86x (docs/
+# benchmarks.md, "The floor, and what cached cells cost"), while a prompt this short is
+# computed again within one batched step.
 MIN_KEPT = 256
 WAIT_GAIN = 32  # a task waits for a prefix another task is computing if it saves this many
 RESERVE_AHEAD = 256  # cells a task reserves beyond what it has used
