@@ -300,9 +300,7 @@ class KVManager:
         if victims is None:
             return None
         for slot in victims:
-            self._drop(slot)
-            self._free.append(slot)
-            self.counters.evictions += 1
+            self._evict(slot)
         task.kv_reserved += extra
         return victims
 
@@ -332,16 +330,18 @@ class KVManager:
         newest = next(reversed(self._cached))
         out = [s for s in self._cached if s != newest and self.cells(s) < MIN_KEPT]
         for slot in out:
-            self._drop(slot)
-            self._free.append(slot)
-            self.counters.evictions += 1
+            self._evict(slot)
         while len(self._cached) > 1 and self.stats().cached_cells > self.cache_limit:
             slot = next(iter(self._cached))
-            self._drop(slot)
-            self._free.append(slot)
-            self.counters.evictions += 1
+            self._evict(slot)
             out.append(slot)
         return out
+
+    def _evict(self, slot: int) -> None:
+        """Drop the cached sequence in ``slot`` and free the slot."""
+        self._drop(slot)
+        self._free.append(slot)
+        self.counters.evictions += 1
 
     def freed_by(self, task: Task) -> int:
         """Cells that preempting the running ``task`` would give back (its reserved growth
