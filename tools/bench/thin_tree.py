@@ -41,12 +41,12 @@ from mount.cli import quiet_cpu_threads
 
 quiet_cpu_threads()  # llama.cpp's threads sleep when they wait, as in the axfs daemon
 
+from axfs.fs.reads import MAX_HOLD_S, STREAM_READS_PER_S  # noqa: E402
 from drivers.base import Piece, Sampling  # noqa: E402
 from drivers.llamacpp import LlamaCppDriver  # noqa: E402
 
 TASKS, TRACE = 2, 3
 FILES = ("config", "prompt", "stream", "status")
-READS_PER_S, MAX_HOLD_S = 1000.0, 0.05  # axfs/fs/reads.py's
 
 
 class Task:
@@ -193,7 +193,7 @@ class Thin(pyfuse3.Operations):
             while not task.done:
                 await task.changed.wait()
         elif self.hold == "share" and not task.done:
-            with trio.move_on_at(task.last_read + min(MAX_HOLD_S, self.streams / READS_PER_S)):
+            with trio.move_on_at(task.last_read + min(MAX_HOLD_S, self.streams / STREAM_READS_PER_S)):
                 while not task.done:
                     await task.changed.wait()
         task.last_read = trio.current_time()

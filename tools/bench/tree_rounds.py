@@ -39,6 +39,15 @@ def ttfts(rounds: list[Round]) -> list[float]:
     return [r.ttft_ms for rd in rounds for r in rd.requests]
 
 
+def print_table(cols: list[str], rows: list[list[str]]) -> None:
+    """``rows`` under their column names, right-aligned, a rule under the names."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    for i, row in enumerate([cols, *rows]):
+        print(" | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
 def machine() -> str:
     lines = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((ln.partition(":")[2].strip() for ln in lines if ln.startswith("model name")), "?")
